@@ -1,0 +1,48 @@
+"""The ``dmp`` command: one subcommand per pipeline stage, plus ``bench``, ``model``
+and ``study`` groups. Each stage module exposes ``register(app)``."""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    help="dmp: denoising multimodal pretraining for image-text retrieval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Order = pipeline order; each module registers its own command(s).
+STAGE_MODULES = [
+    "stages.download",
+    "stages.preprocess",
+    "stages.targets",
+    "stages.pretrain",
+    "stages.finetune",
+    "stages.evaluate",
+    "stages.report",
+    "stages.model",
+    "stages.bench",
+    "stages.study",
+    "stages.pipeline",
+]
+
+
+@app.callback()
+def _root() -> None:
+    """dmp: download -> preprocess -> targets -> pretrain -> finetune -> evaluate -> report."""
+
+
+for _name in STAGE_MODULES:
+    try:
+        _mod = importlib.import_module(_name)
+    except ModuleNotFoundError as _err:  # a stage module not written yet
+        if _err.name != _name:
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:
+    app()

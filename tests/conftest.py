@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny configurations and a tiny prepared synthetic dataset.
+
+Everything is built in temporary folders; no test touches the network."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import torch  # noqa: E402
+
+from dmp_core.config import Config, config_from_dict  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = {
+    "seed": 0,
+    "data": {
+        "image_size": 32,
+        "max_tokens": 16,
+        "synthetic": {"n_train": 48, "n_val": 16, "n_test": 16, "captions_per_image": 2},
+    },
+    "targets": {"patch": 8, "hog": {"cell": 4}},
+    "model": {"preset": "tiny"},
+    "objective": {"vicreg": {"expander_dim": 64}},
+    "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
+    "finetune": {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
+    "eval": {"k_test": 8, "batch_size": 16, "itm_batch_size": 32},
+    "tracking": {"system_metrics": False},
+}
+
+
+def tiny_config(**overrides) -> Config:
+    """The TINY dict with nested overrides applied, validated."""
+    import copy
+
+    raw = copy.deepcopy(TINY)
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config_from_dict(raw)
+
+
+@pytest.fixture
+def tiny_cfg() -> Config:
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """download -> preprocess -> targets on the TINY config, once per session.
+
+    Returns the folders: raw, prepared, targets, reports. Read-only for tests."""
+    from dmp_core.data.download import run_download
+    from dmp_core.data.preprocess import run_preprocess
+    from dmp_core.targets import run_targets
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    cfg = tiny_config(data__root=str(root / "raw"))
+    raw = run_download(cfg)
+    prepared = root / "prepared"
+    reports = root / "reports"
+    run_preprocess(cfg, raw_dir=raw, out_dir=prepared, reports_dir=reports / "preprocess")
+    targets = root / "targets"
+    run_targets(cfg, prepared_dir=prepared, out_dir=targets)
+    return {"raw": raw, "prepared": prepared, "targets": targets, "reports": reports, "root": root}
