@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmp_core.errors import DmpError
 
@@ -95,6 +95,9 @@ class ModelParams(_Section):
 
 # ---------------------------------------------------------------------- objective
 class VicregParams(_Section):
+    # the VICReg switch lives here because `objective.vicreg` is this section;
+    # None = the variant's recipe. A bare `objective.vicreg: true|false` is accepted too.
+    enabled: Optional[bool] = None
     sim_coeff: float = Field(25.0, ge=0.0)
     std_coeff: float = Field(25.0, ge=0.0)
     cov_coeff: float = Field(1.0, ge=0.0)
@@ -109,7 +112,6 @@ class ObjectiveParams(_Section):
     mlm: Optional[bool] = None
     itc: Optional[bool] = None
     itm: Optional[bool] = None
-    vicreg: Optional[bool] = None
     mim_target: Optional[Literal["hog", "pixel", "momentum"]] = None
     image_mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     text_mask_ratio: Optional[float] = Field(None, gt=0.0, lt=1.0)
@@ -126,12 +128,78 @@ class ObjectiveParams(_Section):
     w_vicreg: float = Field(0.04, ge=0.0)
     vicreg: VicregParams = VicregParams()
 
+    @field_validator("vicreg", mode="before")
+    @classmethod
+    def _bare_vicreg_switch(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _objectives_are_possible(self) -> "ObjectiveParams":
+        self.resolve()  # raises ValueError (-> ParamsError naming objective) on impossible combinations
+        return self
+
+    def resolve(self) -> "ResolvedObjectives":
+        """Apply the variant's recipe (METHOD.md sections 3-4) and the switches that override it."""
+        mamo = self.variant == "mamo"
+        recipe = {"mrm": mamo, "mim": True, "mlm": True, "itc": True, "itm": True, "vicreg": not mamo}
+        switches = {"mrm": self.mrm, "mim": self.mim, "mlm": self.mlm, "itc": self.itc, "itm": self.itm,
+                    "vicreg": self.vicreg.enabled}
+        on = {name: recipe[name] if switches[name] is None else switches[name] for name in recipe}
+        target = self.mim_target or ("momentum" if mamo else "hog")
+        if not any(on.values()):
+            raise ValueError("every objective is switched off; turn on at least one of mrm, mim, mlm, itc, itm, vicreg")
+        if on["mrm"] and not mamo:
+            raise ValueError("mrm needs the EMA target model, which only variant=mamo builds")
+        if on["mim"] and target == "momentum" and not mamo:
+            raise ValueError("mim_target=momentum needs the EMA target model, which only variant=mamo builds")
+        negatives = self.itm_negatives
+        if on["itm"] and negatives == "auto":
+            negatives = "itc" if on["itc"] else "vicreg" if on["vicreg"] else "none"
+        if on["itm"] and (negatives == "none" or (negatives in ("itc", "vicreg") and not on[negatives])):
+            raise ValueError(
+                f"itm has no negative source (itm_negatives={self.itm_negatives}); "
+                "turn on itc or vicreg, or set itm_negatives=uniform"
+            )
+        if self.itc_queue_size or self.itc_distill_alpha:
+            raise ValueError("itc_queue_size / itc_distill_alpha (ALBEF momentum queue) are not implemented; keep them 0")
+        ratio = self.text_mask_ratio if self.text_mask_ratio is not None else (0.25 if mamo else 0.40)
+        return ResolvedObjectives(
+            variant=self.variant, mim_target=target, itm_negatives=negatives if on["itm"] else "none",
+            image_mask_ratio=self.image_mask_ratio, text_mask_ratio=ratio, needs_ema=on["mrm"] or (on["mim"] and target == "momentum"),
+            **on,
+        )
+
+
+class ResolvedObjectives(BaseModel):
+    """Which objectives a run actually uses, after the variant recipe and the switches."""
+
+    model_config = ConfigDict(frozen=True)
+    variant: str
+    mrm: bool
+    mim: bool
+    mlm: bool
+    itc: bool
+    itm: bool
+    vicreg: bool
+    mim_target: str
+    itm_negatives: str  # itc | vicreg | uniform | none (itm off)
+    image_mask_ratio: float
+    text_mask_ratio: float
+    needs_ema: bool
+
+    @property
+    def active(self) -> list[str]:
+        return [name for name in ("itc", "itm", "mlm", "mim", "mrm", "vicreg") if getattr(self, name)]
+
 
 # ----------------------------------------------------------------------- training
 class TrainParams(_Section):
     epochs: int = Field(1, ge=1)
     warmup_epochs: float = Field(0.0, ge=0.0)
+    # per process: the global batch under DDP is batch_size * world size
     batch_size: int = Field(64, ge=2)
+    # one training pair per image and epoch (caption drawn per epoch) or every caption
+    captions: Literal["all", "one_per_image"] = "all"
     lr: float = Field(2.5e-4, gt=0.0)
     warmup_lr: float = Field(1e-6, ge=0.0)
     min_lr: float = Field(1e-5, ge=0.0)
@@ -150,6 +218,8 @@ class EvalParams(_Section):
     k_test: int = Field(128, ge=1)
     batch_size: int = Field(128, ge=1)
     itm_batch_size: int = Field(256, ge=1)
+    # rows of the similarity matrix handled at once (bounds memory on COCO's 5k x 25k)
+    chunk_size: int = Field(1024, ge=1)
     split: Literal["val", "test"] = "test"
 
 

@@ -1,0 +1,90 @@
+"""Masks for the masked-modelling objectives (METHOD.md section 2).
+
+Both draw from torch's global RNG unless a ``generator`` is passed, so a run is
+deterministic given the seed. Image masks are True where a patch is masked; text
+masks are chosen on the token ids, *after* tokenisation (labels stay aligned).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (torch cross-entropy's default)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokenizer's special ids (meta.json); defaults are MiniLM's uncased WordPiece vocabulary."""
+
+    pad: int = 0
+    cls: int = 101
+    sep: int = 102
+    mask: int = 103
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "SpecialTokens":
+        """Read ``pad_id``/``cls_id``/``sep_id``/``mask_id`` (or ``*_token_id``) from data/prepared/meta.json."""
+        def pick(name: str) -> int:
+            for key in (f"{name}_id", f"{name}_token_id"):
+                if key in meta:
+                    return int(meta[key])
+            return int(getattr(cls, name))
+
+        return cls(pad=pick("pad"), cls=pick("cls"), sep=pick("sep"), mask=pick("mask"))
+
+
+def image_block_mask(batch: int, grid: tuple[int, int], ratio: float, *, block: int = 2,
+                     generator: Optional[torch.Generator] = None, device: Any = None) -> torch.Tensor:
+    """SimMIM block masking: ``[B, N]`` bool, True = masked, row-major patch order.
+
+    The patch grid is tiled by ``block x block`` blocks (2x2 patches = 32 px at 224 px with
+    16 px patches); ``ceil(blocks * ratio)`` blocks are drawn per image and upsampled to
+    the patch grid (edge blocks are cropped when the grid is not a multiple of ``block``)."""
+    gh, gw = grid
+    bh, bw = math.ceil(gh / block), math.ceil(gw / block)
+    n_blocks = bh * bw
+    n_masked = min(n_blocks, math.ceil(n_blocks * ratio))
+    scores = torch.rand(batch, n_blocks, generator=generator)
+    chosen = scores.argsort(dim=1)[:, :n_masked]
+    blocks = torch.zeros(batch, n_blocks, dtype=torch.bool).scatter_(1, chosen, True).view(batch, bh, bw)
+    patches = blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :gh, :gw]
+    return patches.reshape(batch, gh * gw).to(device)
+
+
+def mask_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, ratio: float, *,
+              special: SpecialTokens, vocab_size: int, rule: str = "mask",
+              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``round(ratio * n)`` (at least one) real tokens per caption.
+
+    Candidates are attended tokens other than [CLS]/[SEP]/[PAD]. ``rule="mask"`` replaces
+    every chosen token by [MASK]; ``rule="bert"`` uses BERT's 80/10/10 (mask / random / keep).
+    Returns ``(masked_ids, labels)`` with labels = original id at chosen positions, -100 elsewhere.
+    A caption without candidates (e.g. empty) gets no mask.
+    """
+    if rule not in ("mask", "bert"):
+        raise ValueError(f"objective.text_mask_rule: unknown rule {rule!r}")
+    device = input_ids.device
+    ids = input_ids.cpu()
+    candidate = attention_mask.cpu().bool()
+    for token in (special.pad, special.cls, special.sep):
+        candidate &= ids != token
+    n_candidates = candidate.sum(dim=1)
+    n_chosen = torch.where(n_candidates > 0, (n_candidates.float() * ratio).round().clamp(min=1), 0).long()
+    n_chosen = torch.minimum(n_chosen, n_candidates)
+    scores = torch.rand(ids.shape, generator=generator).masked_fill(~candidate, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each position among its row's candidates
+    chosen = candidate & (rank < n_chosen[:, None])
+
+    labels = torch.full_like(ids, IGNORE_INDEX).masked_scatter(chosen, ids[chosen])
+    masked = ids.clone()
+    if rule == "mask":
+        masked[chosen] = special.mask
+    else:
+        action = torch.rand(ids.shape, generator=generator)
+        random_ids = torch.randint(0, vocab_size, ids.shape, generator=generator)
+        masked = torch.where(chosen & (action < 0.8), torch.full_like(ids, special.mask), masked)
+        masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked.to(device), labels.to(device)

@@ -1,0 +1,236 @@
+"""The Pretrainer (dinov2-style meta-architecture): the model, the optional EMA target
+model and the objectives chosen by ``objective.variant`` and its switches.
+
+One ``forward(batch)`` computes every active objective with no redundant passes:
+
+* the clean image and clean text are encoded once and shared by ITC, VICReg, ITM and
+  the fusion passes; the masked image / masked text are encoded only when MIM / MRM /
+  MLM need them (in the same tower call as the clean inputs);
+* every fused pair of the step -- ITM's B positives and 2B negatives, ``F(I~,T)`` for
+  MIM/MRM and ``F(I,T~)`` for MLM/MRM -- goes through ONE fusion call;
+* the EMA model runs under no_grad, only when MRM or momentum-MIM needs it, and only
+  as far as they need (image tower for momentum-MIM, the fused clean pair for MRM).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from dmp_core.config import Config, ParamsError, ResolvedObjectives
+from dmp_core.losses import (itc_loss, itm_loss, mim_loss, mlm_loss, mrm_loss, mrm_targets, resolve_objectives,
+                             sample_negatives, vicreg_loss)
+from dmp_core.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
+from dmp_core.models import DMPModel
+from dmp_core.models.heads import mlp_expander, mrm_predictor
+
+FINETUNE_OBJECTIVES = ResolvedObjectives(
+    variant="finetune", mrm=False, mim=False, mlm=False, itc=True, itm=True, vicreg=False, mim_target="none",
+    itm_negatives="itc", image_mask_ratio=0.0, text_mask_ratio=0.0, needs_ema=False,
+)
+
+
+class Pretrainer(nn.Module):
+    """``forward(batch) -> {"loss", "loss_<name>" per active objective (unweighted), "diag_*"}``."""
+
+    def __init__(self, cfg: Config, stage: str, model: DMPModel, special: SpecialTokens = SpecialTokens()) -> None:
+        super().__init__()
+        if stage not in ("pretrain", "finetune"):
+            raise ParamsError(f"stage must be pretrain or finetune, got {stage!r}")
+        self.stage = stage
+        self.model = model
+        self.special = special
+        self.objectives = FINETUNE_OBJECTIVES if stage == "finetune" else resolve_objectives(cfg.objective)
+        obj, o = cfg.objective, self.objectives
+        self.weights = {"itc": obj.w_itc, "itm": obj.w_itm, "mlm": obj.w_mlm, "mim": obj.w_mim,
+                        "mrm": obj.w_mrm, "vicreg": obj.w_vicreg}
+        self.vicreg_coeffs = dict(sim_coeff=obj.vicreg.sim_coeff, std_coeff=obj.vicreg.std_coeff,
+                                  cov_coeff=obj.vicreg.cov_coeff)
+        self.text_mask_rule = obj.text_mask_rule
+        self.targets_cfg = cfg.targets
+
+        self.mim_head: Optional[nn.Linear] = None
+        if o.mim:
+            self.mim_head = nn.Linear(model.text_dim, self._mim_target_dim(cfg, model))
+        self.mrm_predictor = mrm_predictor(model.text_dim) if o.mrm else None
+        self.image_expander = mlp_expander(model.embed_dim, obj.vicreg.expander_dim) if o.vicreg else None
+        self.text_expander = mlp_expander(model.embed_dim, obj.vicreg.expander_dim) if o.vicreg else None
+        self.ema: Optional[ModelEmaV3] = None
+        if o.needs_ema:
+            self.ema = ModelEmaV3(model, decay=obj.ema_alpha)
+            self.ema.module.requires_grad_(False)
+
+    def _mim_target_dim(self, cfg: Config, model: DMPModel) -> int:
+        kind = self.objectives.mim_target
+        if kind == "momentum":
+            return model.image_dim
+        patch = cfg.targets.patch
+        if patch != model.patch_size:
+            raise ParamsError(f"targets.patch={patch} must equal the model's patch size {model.patch_size} "
+                              f"(model.preset={cfg.model.preset}) for mim_target={kind}")
+        if kind == "hog":
+            return 3 * cfg.targets.hog.bins * (patch // cfg.targets.hog.cell) ** 2
+        return patch * patch * 3
+
+    # ------------------------------------------------------------------ housekeeping
+    def train(self, mode: bool = True) -> "Pretrainer":
+        super().train(mode)
+        if self.ema is not None:
+            self.ema.module.eval()  # the target network never uses dropout
+        return self
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Call after each optimiser step; a no-op without an EMA model."""
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    # ------------------------------------------------------------------ the step
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model, o = self.model, self.objectives
+        device = model.temp.device
+        raw_images = batch["image"].to(device)
+        images = model.preprocess(raw_images)
+        ids = batch["input_ids"].to(device)
+        attn = batch["attention_mask"].to(device)
+        image_ids = batch["image_id"].to(device)
+        b, n = ids.shape[0], model.num_patches
+        terms: dict[str, torch.Tensor] = {}
+        diags: dict[str, torch.Tensor] = {"diag_temperature": model.temperature.detach()}
+
+        # --- masks (global RNG: deterministic given the seed)
+        need_masked_image = o.mim or o.mrm
+        need_masked_text = o.mlm or o.mrm
+        patch_mask = (image_block_mask(b, model.grid_size, o.image_mask_ratio, device=device)
+                      if need_masked_image else None)
+        masked_ids = labels = None
+        if need_masked_text:
+            masked_ids, labels = mask_text(ids, attn, o.text_mask_ratio, special=self.special,
+                                           vocab_size=model.vocab_size, rule=self.text_mask_rule)
+
+        # --- unimodal encodings: clean (+ masked) in one tower call each
+        if patch_mask is not None:
+            no_mask = torch.zeros_like(patch_mask)
+            both = model.encode_image(torch.cat([images, images]), torch.cat([no_mask, patch_mask]))
+            v, v_masked = both[:b], both[b:]
+        else:
+            v, v_masked = model.encode_image(images), None
+        if masked_ids is not None:
+            both = model.encode_text(torch.cat([ids, masked_ids]), torch.cat([attn, attn]))
+            t, t_masked = both[:b], both[b:]
+        else:
+            t, t_masked = model.encode_text(ids, attn), None
+
+        # --- ITC / VICReg on the clean [CLS] states
+        img_emb = txt_emb = None
+        if o.itc:
+            img_emb, txt_emb = model.image_embed(v), model.text_embed(t)
+            terms["itc"] = itc_loss(img_emb, txt_emb, image_ids, model.temperature)
+        elif o.itm_negatives == "vicreg":
+            # without ITC the [CLS] projections are trained by VICReg (through the expanders)
+            # and serve first-stage retrieval: ITM negatives come from their similarity
+            with torch.no_grad():
+                img_emb, txt_emb = model.image_embed(v), model.text_embed(t)
+        if o.vicreg:
+            vic = vicreg_loss(self.image_expander(model.image_features(v)),
+                              self.text_expander(model.text_features(t)), **self.vicreg_coeffs)
+            terms["vicreg"] = vic["loss"]
+            diags.update({f"diag_vicreg_{k}": vic[k].detach() for k in ("sim", "std", "cov")})
+
+        # --- every fusion pass of the step in one call
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if o.itm:
+            sim = None
+            if o.itm_negatives != "uniform":
+                with torch.no_grad():
+                    sim = img_emb.detach().float() @ txt_emb.detach().float().t() / model.temperature.detach().float()
+            neg_txt, neg_img = sample_negatives(sim, image_ids)
+            rows = torch.arange(b, device=device)
+            ok_t, ok_i = neg_txt >= 0, neg_img >= 0
+            pairs["itm"] = (
+                torch.cat([v, v[rows[ok_t]], v[neg_img[ok_i]]]),
+                torch.cat([t, t[neg_txt[ok_t]], t[rows[ok_i]]]),
+                torch.cat([attn, attn[neg_txt[ok_t]], attn[rows[ok_i]]]),
+            )
+        if v_masked is not None:
+            pairs["masked_image"] = (v_masked, t, attn)
+        if t_masked is not None:
+            pairs["masked_text"] = (v, t_masked, attn)
+        joint = self._fuse_all(pairs)
+
+        if o.itm:
+            logits = model.itm_logits(joint["itm"])
+            itm_labels = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+            itm_labels[:b] = 1
+            terms["itm"] = itm_loss(logits, itm_labels)
+            diags["diag_itm_acc"] = (logits.argmax(dim=1) == itm_labels).float().mean().detach()
+
+        # --- EMA target network, only as far as needed
+        ema_v = ema_joint = None
+        if self.ema is not None:
+            with torch.no_grad():
+                ema = self.ema.module
+                ema_v = ema.encode_image(images)
+                if o.mrm:
+                    ema_joint = ema.fuse(ema_v, ema.encode_text(ids, attn), attn)
+
+        if o.mim:
+            patches = joint["masked_image"][:, 1:1 + n]
+            target = self._mim_target(batch, raw_images, ema_v)
+            terms["mim"] = mim_loss(self.mim_head(patches), target, patch_mask, o.mim_target)
+        if o.mlm:
+            selected = labels != IGNORE_INDEX
+            tokens = joint["masked_text"][:, 1 + n:][selected]
+            terms["mlm"] = mlm_loss(model.mlm_logits(tokens), labels[selected])
+        if o.mrm:
+            target = mrm_targets(ema_joint)
+            img_sel, txt_sel = patch_mask, labels != IGNORE_INDEX
+            pred = torch.cat([self.mrm_predictor(joint["masked_image"][:, 1:1 + n][img_sel]),
+                              self.mrm_predictor(joint["masked_text"][:, 1 + n:][txt_sel])])
+            tgt = torch.cat([target[:, 1:1 + n][img_sel], target[:, 1 + n:][txt_sel]])
+            mrm = mrm_loss(pred, tgt, torch.ones(pred.shape[0], dtype=torch.bool, device=device))
+            terms["mrm"] = mrm["loss"]
+            diags["diag_mrm_target_std"] = mrm["target_std"]
+
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        out = {"loss": total}
+        out.update({f"loss_{name}": value for name, value in terms.items()})
+        out.update(diags)
+        return out
+
+    def _fuse_all(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not pairs:
+            return {}
+        names = list(pairs)
+        sizes = [pairs[k][0].shape[0] for k in names]
+        joint = self.model.fuse(*(torch.cat([pairs[k][i] for k in names]) for i in range(3)))
+        return dict(zip(names, joint.split(sizes)))
+
+    def _mim_target(self, batch: dict[str, torch.Tensor], raw_images: torch.Tensor,
+                    ema_v: Optional[torch.Tensor]) -> torch.Tensor:
+        """Precomputed targets from the loader when present, else computed on the fly."""
+        kind = self.objectives.mim_target
+        if kind == "momentum":
+            return ema_v[:, 1:]
+        if kind in batch:
+            return batch[kind].to(raw_images.device).float()
+        from dmp_core import targets
+
+        t = self.targets_cfg
+        if kind == "hog":
+            return targets.hog(raw_images, patch=t.patch, cell=t.hog.cell, bins=t.hog.bins, grad=t.hog.grad,
+                               angle=t.hog.angle)
+        return targets.pixel_targets(raw_images, patch=t.patch, norm_per_patch=t.pixel.norm_per_patch)
+
+
+def create_pretrainer(cfg: Config, stage: str, model: DMPModel, *, special: Optional[SpecialTokens] = None,
+                      meta: Optional[dict[str, Any]] = None) -> Pretrainer:
+    """The Pretrainer for ``stage`` ("pretrain": the variant's objectives; "finetune": ITC + ITM).
+
+    Special token ids come from ``special``, or from the prepared data's ``meta`` (meta.json),
+    else MiniLM's defaults (pad 0, cls 101, sep 102, mask 103)."""
+    if special is None:
+        special = SpecialTokens.from_meta(meta) if meta is not None else SpecialTokens()
+    return Pretrainer(cfg, stage, model, special)

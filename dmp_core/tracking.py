@@ -1,0 +1,216 @@
+"""MLflow tracking: where runs go, and one run per stage invocation.
+
+Tracking URI, in order: ``tracking.uri`` from params.yaml, ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<project root>/mlflow.db`` (absolute). The project root is ``$DVC_ROOT``, else
+the git top level, else the working directory. A queued or ``--temp`` DVC experiment runs
+in a throw-away copy under ``<real root>/.dvc/tmp/exps/`` (``.../exps/tmpXXXX`` for
+queued runs, ``.../exps/standalone/tmpXXXX`` for ``--temp``; DVC 3.67 sets ``DVC_ROOT``
+to the real root there, checked on this machine): any path inside that copy is mapped
+back to the real root, so queued runs land in the user's store rather than in a copy
+that DVC deletes afterwards. Artifacts of a SQLite store go to ``mlartifacts/`` beside
+the database file (set explicitly as the experiment's ``file://`` artifact location).
+
+Only rank 0 tracks; other ranks get a :class:`NullTracker`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dmp_core.config import Config, TrackingParams, flatten
+from dmp_core.io import write_json
+
+DVC_EXPS_MARKER = "/.dvc/tmp/exps/"
+
+
+# ---------------------------------------------------------------- where runs go
+def _outside_dvc_exp_copy(path: Path) -> Path:
+    """``<root>/.dvc/tmp/exps/<...>`` -> ``<root>``; any other path unchanged."""
+    text = str(path)
+    if DVC_EXPS_MARKER in text + "/":
+        return Path((text + "/").split(DVC_EXPS_MARKER, 1)[0])
+    return path
+
+
+def _git_toplevel(cwd: Path) -> Optional[Path]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(out.stdout.strip()) if out.stdout.strip() else None
+
+
+def project_root(cwd: str | Path | None = None) -> Path:
+    """The user's real project root, also from inside a DVC experiment's temporary copy."""
+    cwd = Path(cwd or os.getcwd()).resolve()
+    if os.environ.get("DVC_ROOT"):
+        return _outside_dvc_exp_copy(Path(os.environ["DVC_ROOT"]).resolve())
+    inside = _outside_dvc_exp_copy(cwd)
+    if inside != cwd:
+        return inside
+    return _outside_dvc_exp_copy(_git_toplevel(cwd) or cwd)
+
+
+def resolve_tracking_uri(tracking: TrackingParams, cwd: str | Path | None = None) -> str:
+    """The absolute tracking URI for this invocation (see the module docstring)."""
+    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # a relative SQLite path would land in a DVC experiment's temporary copy
+            rel = uri[len("sqlite:///"):]
+            return f"sqlite:///{project_root(cwd) / rel}"
+        return uri
+    return f"sqlite:///{project_root(cwd) / 'mlflow.db'}"
+
+
+def artifact_location_for(uri: str) -> Optional[str]:
+    """``file://<db folder>/mlartifacts`` for a SQLite store; None lets a server decide."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"dmp-{cfg.data.name}"
+
+
+def git_commit(cwd: str | Path | None = None) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or os.getcwd(), capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def read_run_json(path: str | Path) -> Optional[dict[str, Any]]:
+    """``reports/<stage>/run.json`` of an upstream stage, or None if absent/unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------- the run
+class NullTracker:
+    """What ranks other than 0 (and runs without tracking) get: every call does nothing."""
+
+    run_id: Optional[str] = None
+    experiment_id: Optional[str] = None
+    uri: Optional[str] = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def run_info(self) -> dict[str, Any]:
+        return {}
+
+
+class Tracker(NullTracker):
+    """One MLflow run for one stage invocation (continued when ``run_id`` is given).
+
+    Metrics are buffered and sent with ``log_batch`` on :meth:`flush` (the loop flushes
+    every ``log_every`` steps), so per-step logging costs no round trip per step."""
+
+    def __init__(self, cfg: Config, stage: str, *, run_id: Optional[str] = None,
+                 upstream_run_id: Optional[str] = None, cwd: str | Path | None = None):
+        import mlflow
+        from mlflow.entities import Metric  # noqa: F401  (imported here: mlflow is slow to import)
+        from mlflow.exceptions import MlflowException
+
+        self._mlflow = mlflow
+        self.uri = resolve_tracking_uri(cfg.tracking, cwd)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+        self.experiment_id = self._experiment(experiment_name(cfg))
+        self._buffer: list = []
+
+        tags = {
+            "dmp.stage": stage,
+            "dmp.variant": cfg.objective.variant,
+            "dmp.model_preset": cfg.model.preset,
+            "dmp.data": cfg.data.name,
+            "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+            "mlflow.source.git.commit": git_commit(cwd) or "",
+            "dmp.upstream_run_id": upstream_run_id or "",
+        }
+        resumed = False
+        if run_id:
+            try:
+                if self.client.get_run(run_id).info.experiment_id == self.experiment_id:
+                    resumed = True
+            except MlflowException:
+                resumed = False
+        name = f"{stage}-{cfg.objective.variant}"
+        if os.environ.get("DVC_EXP_NAME"):
+            name += f"-{os.environ['DVC_EXP_NAME']}"
+        self.run = mlflow.start_run(
+            run_id=run_id if resumed else None,
+            experiment_id=None if resumed else self.experiment_id,
+            run_name=None if resumed else name,
+            log_system_metrics=cfg.tracking.system_metrics,
+        )
+        self.run_id = self.run.info.run_id
+        self.resumed = resumed
+        mlflow.set_tags({k: v for k, v in tags.items() if v})
+        if not resumed:  # params are write-once per run
+            mlflow.log_params({k: ("" if v is None else str(v)[:6000]) for k, v in flatten(cfg).items()})
+            mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/params.yaml")
+
+    def _experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location_for(self.uri))
+        except MlflowException:  # created concurrently by another process
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        while self._buffer:  # log_batch accepts at most 1000 metrics per call
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self._mlflow.end_run(status=status)
+
+    def run_info(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri}
+
+
+def write_run_json(reports_dir: str | Path, tracker: NullTracker, **extra: Any) -> None:
+    """``reports/<stage>/run.json``: how to find this stage's MLflow run."""
+    write_json(Path(reports_dir) / "run.json", {**tracker.run_info(), **extra})

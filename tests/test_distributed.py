@@ -1,0 +1,124 @@
+"""DDP on CPU with gloo and 2 processes: the gathered ITC and VICReg losses equal the
+single-process losses on the concatenated batch (values and input gradients), and a
+short 2-process ``torchrun ... -m stages pretrain`` completes with one MLflow run."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+PER_RANK = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    n = WORLD * PER_RANK
+    img = torch.nn.functional.normalize(torch.randn(n, 16, generator=gen), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(n, 16, generator=gen), dim=1)
+    # duplicated image ids across the two ranks' halves: positives must cross ranks
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 0, 6, 7, 8, 2, 9])
+    za, zb = torch.randn(n, 24, generator=gen), torch.randn(n, 24, generator=gen)
+    return {"img": img, "txt": txt, "ids": ids, "za": za, "zb": zb}
+
+
+def _losses(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from dmp_core.losses import itc_loss, vicreg_loss
+
+    return {"itc": itc_loss(batch["img"], batch["txt"], batch["ids"], 0.07),
+            "vicreg": vicreg_loss(batch["za"], batch["zb"])["loss"]}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        full = _global_batch()
+        local = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK].clone() for k, v in full.items()}
+        for k in ("img", "txt", "za", "zb"):
+            local[k].requires_grad_(True)
+        result = {}
+        for name, loss in _losses(local).items():
+            grads = torch.autograd.grad(loss, [local[k] for k in ("img", "txt", "za", "zb")], allow_unused=True)
+            result[name] = {"loss": loss.detach(), "grads": [g if g is not None else None for g in grads]}
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_gathered_itc_and_vicreg_equal_single_process_on_concatenated_batch(tmp_path):
+    full = _global_batch()
+    leaves = {k: full[k].clone().requires_grad_(True) for k in ("img", "txt", "za", "zb")}
+    ref_batch = {**leaves, "ids": full["ids"]}
+    reference = {}
+    for name, loss in _losses(ref_batch).items():
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        reference[name] = (loss.detach(), grads)
+
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        for name, (ref_loss, ref_grads) in reference.items():
+            # every rank computes the loss of the global batch
+            torch.testing.assert_close(got[name]["loss"], ref_loss, rtol=1e-6, atol=1e-6)
+            for g, ref in zip(got[name]["grads"], ref_grads):
+                if ref is None or not ref.abs().sum():
+                    continue
+                # each rank's gradient w.r.t. its own rows is WORLD x dL/dx (the all_gather
+                # backward sums every rank's copy); DDP's averaging divides it back
+                torch.testing.assert_close(g / WORLD, ref[rows], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_process_pretrain_with_torchrun_writes_one_mlflow_run(tiny_data, tmp_path):
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config(tracking__uri=store, tracking__experiment="ddp", pretrain__max_steps=3,
+                      pretrain__checkpoint_every=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           "-m", "stages", "pretrain", "--params", str(params), "--prepared", str(tiny_data["prepared"]),
+           "--targets", str(tiny_data["targets"]), "--models", str(tmp_path / "models"),
+           "--reports", str(tmp_path / "reports")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world size 2" in done.stderr
+
+    metrics = json.loads((tmp_path / "reports" / "pretrain" / "metrics.json").read_text())
+    assert metrics["steps"] == 3  # 96 pairs / (8 per rank x 2 ranks) = 6 steps per epoch, capped at 3
+    latest = json.loads((tmp_path / "models" / "pretrain" / "checkpoints" / "latest.json").read_text())
+    assert latest["done"] and latest["fingerprint"]["world_size"] == 2
+    state = torch.load(tmp_path / "models" / "pretrain" / "checkpoints" / latest["state"], weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("ddp")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 only
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss_itc")) == [1, 2, 3]

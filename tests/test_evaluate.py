@@ -1,0 +1,219 @@
+"""Retrieval evaluation: recall against a brute-force reference, re-ranking against
+exhaustive ITM scoring on a real (random-init) tiny model, chunking, and the outputs
+of the evaluate stage recomputed independently from scores.npz."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from dmp_core.errors import CheckpointError, DataError
+from dmp_core.evaluate import (
+    NOT_RERANKED,
+    RetrievalSplit,
+    compute_scores,
+    encode_split,
+    exhaustive_itm,
+    img2txt_from_txt2img,
+    retrieval_metrics,
+    run_evaluate,
+)
+
+
+# ------------------------------------------------------------ brute-force reference
+def brute_force_recall(i2t, t2i, txt2img) -> dict[str, float]:
+    """Sort every row with Python; a gold item tied with a non-gold one ranks after it."""
+    n_images, n_texts = len(i2t), len(t2i)
+    tr_ranks = []
+    for i in range(n_images):
+        order = sorted(range(n_texts), key=lambda t: (-float(i2t[i][t]), txt2img[t] == i))
+        tr_ranks.append(min(pos for pos, t in enumerate(order) if txt2img[t] == i))
+    ir_ranks = []
+    for t in range(n_texts):
+        order = sorted(range(n_images), key=lambda i: (-float(t2i[t][i]), i == txt2img[t]))
+        ir_ranks.append(order.index(txt2img[t]))
+    out = {}
+    for name, ranks in (("tr", tr_ranks), ("ir", ir_ranks)):
+        for k in (1, 5, 10):
+            hits = 0
+            for rank in ranks:
+                if rank < k:
+                    hits += 1
+            out[f"{name}_r{k}"] = 100.0 * hits / len(ranks)
+    out["tr_mean"] = (out["tr_r1"] + out["tr_r5"] + out["tr_r10"]) / 3
+    out["ir_mean"] = (out["ir_r1"] + out["ir_r5"] + out["ir_r10"]) / 3
+    out["r_mean"] = (out["tr_mean"] + out["ir_mean"]) / 2
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("tr", "ir") for k in (1, 5, 10))
+    return out
+
+
+def assert_metrics_equal(got: dict, want: dict, prefix: str = "") -> None:
+    for key, value in want.items():
+        assert got[prefix + key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieval_metrics_match_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_images, per_image = 23, 5
+    txt2img = rng.permutation(np.repeat(np.arange(n_images), per_image))  # captions in random order
+    i2t = rng.standard_normal((n_images, len(txt2img)))  # continuous: no ties
+    t2i = rng.standard_normal((len(txt2img), n_images))
+    # make some queries easy so that every recall level is exercised
+    i2t[np.arange(n_images), [np.flatnonzero(txt2img == i)[0] for i in range(n_images)]] += 1.5
+    t2i[np.arange(len(txt2img)), txt2img] += 1.0
+
+    got = retrieval_metrics(i2t, t2i, txt2img, img2txt_from_txt2img(txt2img, n_images))
+    want = brute_force_recall(i2t, t2i, txt2img.tolist())
+    assert_metrics_equal(got, want)
+    assert 0 < got["tr_r1"] < got["tr_r10"] < 100
+
+
+def test_perfect_and_unreranked_scores() -> None:
+    txt2img = np.array([0, 0, 1, 1, 2, 2])
+    perfect_i2t = (txt2img[None, :] == np.arange(3)[:, None]).astype(float)
+    got = retrieval_metrics(perfect_i2t, perfect_i2t.T, txt2img, img2txt_from_txt2img(txt2img, 3))
+    assert got["tr_r1"] == got["ir_r1"] == 100.0 and got["rsum"] == 600.0
+    # a gold pair left at -100 outside the top-k is not retrieved, even if all others tie with it
+    flat = np.full((3, 6), NOT_RERANKED)
+    got = retrieval_metrics(flat, flat.T, txt2img, img2txt_from_txt2img(txt2img, 3))
+    assert got["tr_r1"] == got["ir_r1"] == 0.0
+
+
+def test_retrieval_metrics_rejects_bad_shapes() -> None:
+    txt2img = np.array([0, 1])
+    with pytest.raises(DataError, match="t2i has shape"):
+        retrieval_metrics(np.zeros((2, 2)), np.zeros((3, 2)), txt2img, [[0], [1]])
+
+
+# ------------------------------------------------------------ the real tiny model
+def _model(seed: int, prepared: Path):
+    """The real tiny DMPModel, randomly initialised with ``seed``."""
+    from dmp_core.models import create_model
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model__pretrained=False)
+    meta = json.loads((prepared / "meta.json").read_text())
+    return create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=meta["vocab_size"]).eval()
+
+
+@pytest.fixture(scope="module")
+def split(tiny_data) -> RetrievalSplit:
+    return RetrievalSplit.from_prepared(tiny_data["prepared"], "test")
+
+
+@pytest.fixture(scope="module")
+def model_and_exhaustive(tiny_data, split):
+    model = _model(0, tiny_data["prepared"])
+    enc = encode_split(model, split, batch_size=16, device="cpu")
+    return model, exhaustive_itm(model, enc, itm_batch_size=64)
+
+
+def test_rerank_with_k_covering_the_split_equals_exhaustive(split, model_and_exhaustive) -> None:
+    model, full = model_and_exhaustive
+    scores = compute_scores(model, split, k_test=10_000, batch_size=16, itm_batch_size=64)  # k clipped
+    np.testing.assert_allclose(scores["i2t"], full, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores["t2i"], full.T, rtol=0, atol=1e-5)
+    assert not (scores["i2t"] == NOT_RERANKED).any()
+
+
+def test_rerank_keeps_top_k_and_chunking_changes_nothing(split, model_and_exhaustive) -> None:
+    model, full = model_and_exhaustive
+    k = 5
+    one = compute_scores(model, split, k_test=k, batch_size=16, itm_batch_size=64, chunk_size=10_000)
+    chunked = compute_scores(model, split, k_test=k, batch_size=7, itm_batch_size=9, chunk_size=3)
+    for key in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
+        np.testing.assert_allclose(chunked[key], one[key], rtol=0, atol=1e-5, err_msg=key)
+
+    for query in range(split.n_images):  # loops: an independent check of the top-k rule
+        kept = [t for t in range(split.n_texts) if one["i2t"][query, t] != NOT_RERANKED]
+        assert len(kept) == k
+        best_itc = sorted(range(split.n_texts), key=lambda t: -one["itc_i2t"][query, t])[:k]
+        assert sorted(kept) == sorted(best_itc)
+        for t in kept:
+            assert one["i2t"][query, t] == pytest.approx(full[query, t], abs=1e-5)
+    assert ((one["t2i"] != NOT_RERANKED).sum(axis=1) == k).all()
+
+
+def _save_weights(model, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path, capsys) -> None:
+    cfg = tiny_config(eval__k_test=6)
+    models = {
+        "pretrain": _save_weights(_model(1, tiny_data["prepared"]), tmp_path / "models/pretrain/model.safetensors"),
+        "finetune": _save_weights(_model(2, tiny_data["prepared"]), tmp_path / "models/finetune/model.safetensors"),
+    }
+    reports = tmp_path / "reports"
+    metrics = run_evaluate(cfg, tiny_data["prepared"], models, reports, device="cpu")
+    assert "run.json absent" in capsys.readouterr().out  # no training runs: MLflow skipped, said once per model
+
+    on_disk = json.loads((reports / "evaluate/metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert {"itm_ir_r1", "itm_tr_r10", "itm_rsum", "itc_r_mean"} <= set(on_disk["finetune"])
+
+    npz = np.load(reports / "evaluate/scores.npz")
+    assert npz["i2t"].shape == (split.n_images, split.n_texts) and npz["t2i"].shape == (split.n_texts, split.n_images)
+    np.testing.assert_array_equal(npz["txt2img"], split.txt2img)
+    np.testing.assert_array_equal(npz["i2t"], npz["finetune_i2t"])
+    txt2img = npz["txt2img"].tolist()
+    for name in ("pretrain", "finetune"):
+        assert_metrics_equal(on_disk[name], brute_force_recall(npz[f"{name}_i2t"], npz[f"{name}_t2i"], txt2img), "itm_")
+        assert_metrics_equal(on_disk[name], brute_force_recall(npz[f"{name}_itc_i2t"], npz[f"{name}_itc_t2i"], txt2img), "itc_")
+    assert on_disk["pretrain"] != on_disk["finetune"]  # two different models really were evaluated
+
+
+def test_run_evaluate_logs_to_the_training_runs(tiny_data, tmp_path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
+    reports = tmp_path / "reports"
+    (reports / "finetune").mkdir(parents=True)
+    (reports / "finetune/run.json").write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    weights = _save_weights(_model(0, tiny_data["prepared"]), tmp_path / "m.safetensors")
+    metrics = run_evaluate(tiny_config(), tiny_data["prepared"], {"finetune": weights}, reports, device="cpu")
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["test_itm_ir_r1"] == pytest.approx(metrics["finetune"]["itm_ir_r1"])
+    assert f"to run {run.info.run_id}" in capsys.readouterr().out
+
+
+def test_missing_or_foreign_weights_are_one_line_errors(tiny_data, tmp_path) -> None:
+    cfg = tiny_config()
+    with pytest.raises(CheckpointError, match="model weights not found") as err:
+        run_evaluate(cfg, tiny_data["prepared"], {"finetune": tmp_path / "nope.safetensors"}, tmp_path, device="cpu")
+    assert "\n" not in str(err.value)
+    from safetensors.torch import save_file
+
+    save_file({"something.else": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="does not match model preset"):
+        run_evaluate(cfg, tiny_data["prepared"], {"finetune": tmp_path / "other.safetensors"}, tmp_path, device="cpu")
+
+
+def test_bench_eval_agrees_when_k_covers_the_subset(tiny_data) -> None:
+    from dmp_core.benchmarks.eval import bench_eval
+
+    cfg = tiny_config(eval__k_test=64)
+    result = bench_eval(cfg, subset=6, prepared_dir=tiny_data["prepared"], device="cpu", model=_model(0, tiny_data["prepared"]))
+    assert result["images"] == 6 and result["texts"] == 6 * 2
+    assert result["max_abs_recall_diff"] == 0.0 and result["rerank"] == result["exhaustive"]
+    assert result["exhaustive_itm_s"] > 0 and result["itm_pairs_exhaustive"] == 72
+
+
+def test_evaluate_cli_help() -> None:
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--help"])
+    assert result.exit_code == 0 and "--params" in result.output

@@ -1,0 +1,223 @@
+"""The Pretrainer: objective assembly per variant and switches, gradient routing (EMA
+untouched, masked positions only), no redundant passes, determinism, and an overfit run."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from dmp_core.config import ParamsError
+from dmp_core.meta_arch import create_pretrainer
+from dmp_core.models import create_model, load_preset
+from dmp_core.targets import hog
+
+VOCAB = 1000
+
+
+def micro_spec(width: int = 32) -> dict:
+    spec = copy.deepcopy(load_preset("tiny"))
+    spec["image"]["overrides"].update(embed_dim=width, depth=1, num_heads=2)
+    spec["text"]["bert"].update(hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=2 * width)
+    spec["text"]["text_layers"] = 1
+    spec["embed_dim"] = 16
+    return spec
+
+
+def build(cfg, stage="pretrain", width=32):
+    torch.manual_seed(0)
+    model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=VOCAB, spec=micro_spec(width))
+    return create_pretrainer(cfg, stage, model, meta={"pad_token_id": 0, "cls_token_id": 101,
+                                                       "sep_token_id": 102, "mask_token_id": 103})
+
+
+def make_batch(n_images=4, captions=2, size=32, length=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = n_images * captions
+    images = torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8, generator=g)
+    images = images.repeat_interleave(captions, 0)
+    ids = torch.randint(200, VOCAB, (b, length), generator=g)
+    lengths = torch.randint(5, length + 1, (b,), generator=g)
+    attn = (torch.arange(length)[None] < lengths[:, None]).long()
+    ids[:, 0] = 101
+    ids[torch.arange(b), lengths - 1] = 102
+    ids = ids * attn
+    batch = {"image": images, "image_id": torch.arange(n_images).repeat_interleave(captions),
+             "caption_id": torch.arange(b), "input_ids": ids, "attention_mask": attn}
+    batch["hog"] = hog(images, patch=8, cell=4, bins=9)
+    return batch
+
+
+COMBOS = {
+    "denoising": ({}, {"itc", "itm", "mlm", "mim", "vicreg"}),
+    "denoising-pixel": ({"objective__mim_target": "pixel"}, {"itc", "itm", "mlm", "mim", "vicreg"}),
+    "denoising-no-itc": ({"objective__itc": False}, {"itm", "mlm", "mim", "vicreg"}),
+    "denoising-uniform-itm": ({"objective__itc": False, "objective__vicreg": False,
+                               "objective__itm_negatives": "uniform"}, {"itm", "mlm", "mim"}),
+    "denoising-mim-only": ({"objective__itc": False, "objective__itm": False, "objective__mlm": False,
+                            "objective__vicreg": False}, {"mim"}),
+    "denoising-mlm-vicreg": ({"objective__itc": False, "objective__itm": False, "objective__mim": False},
+                             {"mlm", "vicreg"}),
+    "mamo": ({"objective__variant": "mamo"}, {"itc", "itm", "mlm", "mim", "mrm"}),
+    "mamo-hog": ({"objective__variant": "mamo", "objective__mim_target": "hog"}, {"itc", "itm", "mlm", "mim", "mrm"}),
+    "mamo-mrm-only": ({"objective__variant": "mamo", "objective__itc": False, "objective__itm": False,
+                       "objective__mim": False, "objective__mlm": False}, {"mrm"}),
+    "mamo-vicreg": ({"objective__variant": "mamo", "objective__vicreg": True},
+                    {"itc", "itm", "mlm", "mim", "mrm", "vicreg"}),
+}
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_every_combination_runs(name):
+    overrides, active = COMBOS[name]
+    cfg = tiny_config(**overrides)
+    pretrainer = build(cfg).train()
+    batch = make_batch()
+    if name == "denoising-pixel":
+        del batch["hog"]  # computed on the fly
+    out = pretrainer(batch)
+    assert {k[5:] for k in out if k.startswith("loss_")} == active
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert all(not v.requires_grad for k, v in out.items() if k.startswith("diag_"))
+    out["loss"].backward()
+    expected = sum(getattr(cfg.objective, f"w_{k}") * out[f"loss_{k}"] for k in active)
+    assert torch.allclose(out["loss"], expected)
+    assert (pretrainer.ema is not None) == ("mrm" in active or name == "mamo")
+
+
+def test_finetune_is_itc_plus_itm_without_ema():
+    pretrainer = build(tiny_config(objective__variant="mamo"), stage="finetune")
+    out = pretrainer(make_batch())
+    assert {k for k in out if k.startswith("loss_")} == {"loss_itc", "loss_itm"}
+    assert pretrainer.ema is None
+
+
+def test_ema_gets_no_gradient_and_follows_the_model():
+    pretrainer = build(tiny_config(objective__variant="mamo")).train()
+    ema = pretrainer.ema.module
+    assert not ema.training and all(not p.requires_grad for p in ema.parameters())
+    before = copy.deepcopy(ema.state_dict())
+    pretrainer(make_batch())["loss"].backward()
+    assert all(p.grad is None for p in ema.parameters())
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
+    assert pretrainer.model.vision.mask_token.grad is not None  # masked image branch trained
+    with torch.no_grad():
+        for p in pretrainer.model.parameters():
+            p.add_(1.0)
+    pretrainer.update_ema()
+    alpha = 0.995
+    for (name, p), q in zip(pretrainer.model.named_parameters(), ema.parameters()):
+        assert torch.allclose(q, alpha * before[name] + (1 - alpha) * p, atol=1e-6), name
+
+
+def test_denoising_builds_no_ema():
+    pretrainer = build(tiny_config())
+    assert pretrainer.ema is None
+    assert not any("ema" in name for name, _ in pretrainer.named_parameters())
+    pretrainer.update_ema()  # a no-op
+
+
+def test_mrm_target_does_not_pass_through_the_predictor():
+    """With a predictor that outputs 0 the loss is E[target^2] = 1 for layer-normed targets;
+    the seed's bug (targets through the online predictor) would give 0."""
+    pretrainer = build(tiny_config(**COMBOS["mamo-mrm-only"][0]))
+    last = pretrainer.mrm_predictor[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    out = pretrainer(make_batch())
+    assert float(out["loss_mrm"].detach()) == pytest.approx(1.0, abs=1e-3)
+    assert float(out["diag_mrm_target_std"]) > 0.1
+
+
+def test_mim_target_counts_only_at_masked_patches():
+    pretrainer = build(tiny_config(**COMBOS["denoising-mim-only"][0]))
+    batch = make_batch()
+    torch.manual_seed(5)
+    base = pretrainer(batch)["loss_mim"]
+    # recover the mask the step used: perturbing one patch's target changes the loss iff it was masked
+    torch.manual_seed(5)
+    from dmp_core.masking import image_block_mask
+
+    mask = image_block_mask(batch["image"].shape[0], pretrainer.model.grid_size, 0.75)
+    moved = dict(batch, hog=batch["hog"].clone())
+    moved["hog"][~mask] += 10.0
+    torch.manual_seed(5)
+    assert torch.equal(pretrainer(moved)["loss_mim"], base)
+    moved["hog"][mask] += 1.0
+    torch.manual_seed(5)
+    assert not torch.equal(pretrainer(moved)["loss_mim"], base)
+
+
+def _count_calls(module, names):
+    counts = {name: [] for name in names}
+    for name in names:
+        original = getattr(module, name)
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            counts[_name].append(args[0].shape[0])
+            return _original(*args, **kwargs)
+
+        setattr(module, name, wrapper)
+    return counts
+
+
+def test_no_redundant_passes():
+    names = ("encode_image", "encode_text", "fuse")
+    pretrainer = build(tiny_config())
+    calls = _count_calls(pretrainer.model, names)
+    pretrainer(make_batch())
+    b = 8
+    assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [3 * b + b + b]}
+    # without masked objectives no masked encodings are computed
+    pretrainer = build(tiny_config(**COMBOS["denoising-mim-only"][0]
+                                   | {"objective__mim": False, "objective__itc": True, "objective__itm": True}))
+    calls = _count_calls(pretrainer.model, names)
+    pretrainer(make_batch())
+    assert calls == {"encode_image": [b], "encode_text": [b], "fuse": [3 * b]}
+    # MAMO: the EMA runs once per tower, and its fusion once (clean pair)
+    pretrainer = build(tiny_config(objective__variant="mamo"))
+    calls, ema_calls = _count_calls(pretrainer.model, names), _count_calls(pretrainer.ema.module, names)
+    pretrainer(make_batch())
+    assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [5 * b]}
+    assert ema_calls == {"encode_image": [b], "encode_text": [b], "fuse": [b]}
+
+
+def test_deterministic_given_the_seed():
+    outs = []
+    for _ in range(2):
+        pretrainer = build(tiny_config(objective__variant="mamo"))
+        torch.manual_seed(1)
+        outs.append(pretrainer(make_batch()))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_patch_size_must_match_targets():
+    cfg = tiny_config(targets__patch=16, targets__hog__cell=8)
+    with pytest.raises(ParamsError, match="targets.patch=16"):
+        build(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["denoising", "mamo"])
+def test_overfit_one_batch(variant):
+    cfg = tiny_config(objective__variant=variant)
+    pretrainer = build(cfg).train()
+    batch = make_batch()
+    params = [p for p in pretrainer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=4e-3, weight_decay=0.0)
+    torch.manual_seed(0)
+    history = []
+    for _ in range(60):
+        out = pretrainer(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        pretrainer.update_ema()
+        history.append({k: float(v.detach()) for k, v in out.items() if k.startswith("loss")})
+    for term in history[0]:
+        first = sum(h[term] for h in history[:5]) / 5
+        last = sum(h[term] for h in history[-5:]) / 5
+        assert last < 0.9 * first, (term, first, last)
