@@ -167,8 +167,9 @@ class Checkpointer:
                 return f"{key}={theirs!r} in the checkpoint, {mine!r} now"
         stored = meta["params"]
         for key in sorted(set(stored) | set(self.params)):
-            if stored.get(key, "<absent>") != self.params.get(key, "<absent>"):
-                return f"{key}={stored.get(key, '<absent>')!r} in the checkpoint, {self.params.get(key, '<absent>')!r} now"
+            theirs, mine = stored.get(key, "<absent>"), self.params.get(key, "<absent>")
+            if theirs != mine:
+                return f"{key}={theirs!r} in the checkpoint, {mine!r} now"
         return None
 
     def load(self, module: torch.nn.Module) -> Optional[Resume]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dmp_core.errors import DmpError
 
@@ -95,9 +95,8 @@ class ModelParams(_Section):
 
 # ---------------------------------------------------------------------- objective
 class VicregParams(_Section):
-    # the VICReg switch lives here because `objective.vicreg` is this section;
-    # None = the variant's recipe. A bare `objective.vicreg: true|false` is accepted too.
-    enabled: Optional[bool] = None
+    """VICReg coefficients (METHOD.md section 4); the on/off switch is `objective.vicreg`."""
+
     sim_coeff: float = Field(25.0, ge=0.0)
     std_coeff: float = Field(25.0, ge=0.0)
     cov_coeff: float = Field(1.0, ge=0.0)
@@ -112,6 +111,7 @@ class ObjectiveParams(_Section):
     mlm: Optional[bool] = None
     itc: Optional[bool] = None
     itm: Optional[bool] = None
+    vicreg: Optional[bool] = None  # `dvc exp run -S objective.vicreg=false`
     mim_target: Optional[Literal["hog", "pixel", "momentum"]] = None
     image_mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     text_mask_ratio: Optional[float] = Field(None, gt=0.0, lt=1.0)
@@ -126,12 +126,7 @@ class ObjectiveParams(_Section):
     w_itc: float = Field(1.0, ge=0.0)
     w_itm: float = Field(1.0, ge=0.0)
     w_vicreg: float = Field(0.04, ge=0.0)
-    vicreg: VicregParams = VicregParams()
-
-    @field_validator("vicreg", mode="before")
-    @classmethod
-    def _bare_vicreg_switch(cls, value: Any) -> Any:
-        return {"enabled": value} if isinstance(value, bool) else value
+    vicreg_coeffs: VicregParams = VicregParams()
 
     @model_validator(mode="after")
     def _objectives_are_possible(self) -> "ObjectiveParams":
@@ -143,7 +138,7 @@ class ObjectiveParams(_Section):
         mamo = self.variant == "mamo"
         recipe = {"mrm": mamo, "mim": True, "mlm": True, "itc": True, "itm": True, "vicreg": not mamo}
         switches = {"mrm": self.mrm, "mim": self.mim, "mlm": self.mlm, "itc": self.itc, "itm": self.itm,
-                    "vicreg": self.vicreg.enabled}
+                    "vicreg": self.vicreg}
         on = {name: recipe[name] if switches[name] is None else switches[name] for name in recipe}
         target = self.mim_target or ("momentum" if mamo else "hog")
         if not any(on.values()):
@@ -206,7 +201,7 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, ge=0.0)
-    max_steps: Optional[int] = Field(None, ge=1)  # cap for smoke runs; None = epochs
+    max_steps: Optional[int] = Field(None, ge=1)  # cap on optimiser steps (CPU budget, smoke runs); None = epochs
     num_workers: int = Field(1, ge=0)
     checkpoint_every: int = Field(100, ge=1)
     val_every: int = Field(0, ge=0)  # steps between val checks; 0 = once per epoch

@@ -1,11 +1,13 @@
-"""torch.distributed helpers for the batch-level losses (ITC, VICReg, ITM negatives).
+"""torch.distributed helpers for the batch-level losses (ITC, VICReg).
 
 ``gather_with_grad`` concatenates a tensor over ranks with a backward that routes the
-gradient of every rank's copy back to its owner (a reduce-scatter of the gradients). Every rank then computes the loss of the *global*
-batch, so the value at world size W equals the single-process loss on the concatenated
-batch; DDP's gradient averaging turns the W identical-loss backward passes (each local
-gradient is W * dL/dx) into exactly dL/dtheta. All ranks must pass the same local
-batch size (drop_last=True in the loader).
+gradient of every rank's copy back to its owner (a reduce-scatter of the gradients).
+Every rank then computes the loss of the *global* batch, so the value at world size W
+equals the single-process loss on the concatenated batch; DDP's gradient averaging
+turns the W identical-loss backward passes (each local gradient is W * dL/dx) into
+exactly dL/dtheta. All ranks must pass the same local batch size (drop_last=True).
+ITM hard negatives are drawn within the local batch (as ALBEF does), so the fused
+states never cross ranks.
 """
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ class Pretrainer(nn.Module):
         obj, o = cfg.objective, self.objectives
         self.weights = {"itc": obj.w_itc, "itm": obj.w_itm, "mlm": obj.w_mlm, "mim": obj.w_mim,
                         "mrm": obj.w_mrm, "vicreg": obj.w_vicreg}
-        self.vicreg_coeffs = dict(sim_coeff=obj.vicreg.sim_coeff, std_coeff=obj.vicreg.std_coeff,
-                                  cov_coeff=obj.vicreg.cov_coeff)
+        self.vicreg_coeffs = dict(sim_coeff=obj.vicreg_coeffs.sim_coeff, std_coeff=obj.vicreg_coeffs.std_coeff,
+                                  cov_coeff=obj.vicreg_coeffs.cov_coeff)
         self.text_mask_rule = obj.text_mask_rule
         self.targets_cfg = cfg.targets
 
@@ -55,8 +55,8 @@ class Pretrainer(nn.Module):
         if o.mim:
             self.mim_head = nn.Linear(model.text_dim, self._mim_target_dim(cfg, model))
         self.mrm_predictor = mrm_predictor(model.text_dim) if o.mrm else None
-        self.image_expander = mlp_expander(model.embed_dim, obj.vicreg.expander_dim) if o.vicreg else None
-        self.text_expander = mlp_expander(model.embed_dim, obj.vicreg.expander_dim) if o.vicreg else None
+        self.image_expander = mlp_expander(model.embed_dim, obj.vicreg_coeffs.expander_dim) if o.vicreg else None
+        self.text_expander = mlp_expander(model.embed_dim, obj.vicreg_coeffs.expander_dim) if o.vicreg else None
         self.ema: Optional[ModelEmaV3] = None
         if o.needs_ema:
             self.ema = ModelEmaV3(model, decay=obj.ema_alpha)

@@ -24,9 +24,14 @@ from typing import Any, Optional
 import yaml
 
 from dmp_core.config import Config, TrackingParams, flatten
+from dmp_core.errors import DmpError
 from dmp_core.io import write_json
 
 DVC_EXPS_MARKER = "/.dvc/tmp/exps/"
+
+
+class TrackingError(DmpError):
+    """The MLflow store cannot be opened or written (one line naming the URI)."""
 
 
 # ---------------------------------------------------------------- where runs go
@@ -58,8 +63,12 @@ def project_root(cwd: str | Path | None = None) -> Path:
     return _outside_dvc_exp_copy(_git_toplevel(cwd) or cwd)
 
 
-def resolve_tracking_uri(tracking: TrackingParams, cwd: str | Path | None = None) -> str:
-    """The absolute tracking URI for this invocation (see the module docstring)."""
+def resolve_tracking_uri(tracking: TrackingParams | Config, cwd: str | Path | None = None) -> str:
+    """The absolute tracking URI for this invocation (see the module docstring).
+
+    Takes the ``tracking`` section or the whole config."""
+    if isinstance(tracking, Config):
+        tracking = tracking.tracking
     uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -131,12 +140,21 @@ class Tracker(NullTracker):
 
     def __init__(self, cfg: Config, stage: str, *, run_id: Optional[str] = None,
                  upstream_run_id: Optional[str] = None, cwd: str | Path | None = None):
-        import mlflow
-        from mlflow.entities import Metric  # noqa: F401  (imported here: mlflow is slow to import)
+        from mlflow.exceptions import MlflowException
+
+        self.uri = resolve_tracking_uri(cfg.tracking, cwd)
+        try:
+            self._start(cfg, stage, run_id, upstream_run_id, cwd)
+        except (MlflowException, OSError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise TrackingError(f"tracking.uri={self.uri}: cannot start an MLflow run ({first})") from None
+
+    def _start(self, cfg: Config, stage: str, run_id: Optional[str], upstream_run_id: Optional[str],
+               cwd: str | Path | None) -> None:
+        import mlflow  # imported here: it takes seconds, and ranks > 0 never need it
         from mlflow.exceptions import MlflowException
 
         self._mlflow = mlflow
-        self.uri = resolve_tracking_uri(cfg.tracking, cwd)
         mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient(self.uri)
         self.experiment_id = self._experiment(experiment_name(cfg))

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from dmp_core.checkpoint import Checkpointer, make_fingerprint, run_params
 from dmp_core.config import Config, TrainParams
@@ -187,19 +188,21 @@ def itc_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt2img: np.ndarray
 
 
 @torch.inference_mode()
-def val_recall(model: torch.nn.Module, split: Any, batch_size: int, device: torch.device, autocast: Any) -> dict[str, float]:
+def val_recall(model: torch.nn.Module, split: Any, batch_size: int, device: torch.device,
+               autocast: Any) -> dict[str, float]:
     """Encode the val images and captions once (embeddings only) and score ITC recall."""
     was_training = model.training
     model.eval()
     img_emb, txt_emb = [], []
     with autocast:
         for start in range(0, split.n_images, batch_size):
-            images = torch.from_numpy(np.ascontiguousarray(split.images[start:start + batch_size]))
+            images = torch.from_numpy(np.array(split.images[start:start + batch_size]))  # a copy: memmaps are read-only
             images = model.preprocess(images.permute(0, 3, 1, 2).to(device))
             img_emb.append(model.image_embed(model.encode_image(images)).float())
         for start in range(0, split.n_texts, batch_size):
-            ids = torch.from_numpy(np.asarray(split.input_ids[start:start + batch_size], dtype=np.int64)).to(device)
-            mask = torch.from_numpy(np.asarray(split.attention_mask[start:start + batch_size], dtype=np.int64)).to(device)
+            rows = slice(start, start + batch_size)
+            ids = torch.from_numpy(np.asarray(split.input_ids[rows], dtype=np.int64)).to(device)
+            mask = torch.from_numpy(np.asarray(split.attention_mask[rows], dtype=np.int64)).to(device)
             txt_emb.append(model.text_embed(model.encode_text(ids, mask)).float())
     model.train(was_training)
     return itc_recall(torch.cat(img_emb), torch.cat(txt_emb), np.asarray(split.txt2img))
@@ -290,7 +293,8 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     prepared_dir, out_dir, reports_dir = Path(prepared_dir), Path(out_dir), Path(reports_dir)
     ddp_info = DistInfo()
     device, main = ddp_info.device, ddp_info.is_main
-    log = (lambda msg: print(f"[{stage}] {msg}", file=sys.stderr, flush=True)) if main else (lambda msg: None)
+    # tqdm.write keeps log lines from breaking a progress bar (and is a plain print without one)
+    log = (lambda msg: tqdm.write(f"[{stage}] {msg}", file=sys.stderr)) if main else (lambda msg: None)
 
     # ---------------------------------------------------------------- model
     seed_everything(cfg.seed)  # identical initial weights on every rank
@@ -355,26 +359,17 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
             return json.loads((reports_dir / "metrics.json").read_text()) if main else {}
         log(f"resuming from {ckpt.latest_path} at step {step}/{total_steps}")
 
-    # ---------------------------------------------------------------- tracking
-    upstream = read_run_json(upstream_run) if upstream_run else None
-    tracker = Tracker(cfg, stage, run_id=run_id, upstream_run_id=(upstream or {}).get("run_id")) if main else NullTracker()
-    if main:
-        reports_dir.mkdir(parents=True, exist_ok=True)
-        write_run_json(reports_dir, tracker, stage=stage)
-
     net: torch.nn.Module = pretrainer
     if ddp_info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             pretrainer, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)  # e.g. the MLM head's bias when a batch masks nothing
+            find_unused_parameters=True)  # finetune leaves the MLM head unused
 
     autocast = amp_context(train.amp, device)
     batch_pairs = train.batch_size * ddp_info.world_size
     use_bar = progress if progress is not None else sys.stderr.isatty()
     bar = None
     if main and use_bar:
-        from tqdm import tqdm
-
         bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
     log(f"{len(dataset)} pairs, {steps_per_epoch} steps/epoch x {train.epochs} epochs = {total_steps} steps "
         f"of {batch_pairs} pairs on {device} (world size {ddp_info.world_size})")
@@ -406,9 +401,16 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
             if improved:
                 best.update(step=step, r_mean=recall["r_mean"])
                 ckpt.save_best(pretrainer.model)
-            log(f"step {step}: val r_mean {recall['r_mean']:.2f} (tr {recall['tr_mean']:.2f}, ir {recall['ir_mean']:.2f})"
-                + (" best" if improved else ""))
+            log(f"step {step}: val r_mean {recall['r_mean']:.2f} (tr {recall['tr_mean']:.2f}, "
+                f"ir {recall['ir_mean']:.2f})" + (" best" if improved else ""))
         ddp_info.barrier()
+
+    # ---------------------------------------------------------------- tracking
+    upstream = read_run_json(upstream_run) if upstream_run else None
+    tracker = NullTracker()
+    if main:
+        tracker = Tracker(cfg, stage, run_id=run_id, upstream_run_id=(upstream or {}).get("run_id"))
+        write_run_json(reports_dir, tracker, stage=stage)
 
     # ---------------------------------------------------------------- train
     t_start = time.perf_counter()
@@ -508,7 +510,8 @@ def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
         load_model(model, path, strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot load into model preset '{getattr(model, 'preset', '?')}' ({first})") from None
+        preset = getattr(model, "preset", "?")
+        raise CheckpointError(f"{path}: cannot load into model preset '{preset}' ({first})") from None
 
 
 def _write_outputs(ckpt: Checkpointer, out_dir: Path, reports_dir: Path, history: list[dict], val_history: list[dict],

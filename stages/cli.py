@@ -35,13 +35,7 @@ def _root() -> None:
 
 
 for _name in STAGE_MODULES:
-    try:
-        _mod = importlib.import_module(_name)
-    except ModuleNotFoundError as _err:  # a stage module not written yet
-        if _err.name != _name:
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(_name).register(app)
 
 
 def main() -> None:

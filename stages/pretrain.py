@@ -23,7 +23,7 @@ def summary(stage: str, metrics: dict) -> str:
     if not metrics:  # ranks other than 0
         return ""
     return (f"{stage}: {metrics['steps']} steps, best val r_mean {metrics['val_r_mean_best']:.2f} at step "
-            f"{metrics['best_step']}, {metrics['pairs_per_s']:.0f} pairs/s, {metrics['wall_time_s']:.0f} s")
+            f"{metrics['best_step']}, {metrics['pairs_per_s']:.0f} pairs/s, {metrics['wall_time_s']:.1f} s")
 
 
 @guarded

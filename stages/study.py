@@ -29,7 +29,7 @@ ABLATIONS: tuple[tuple[str, dict[str, str]], ...] = (
     ("mamo", {"objective.variant": "mamo"}),
     ("denoise-hog", {"objective.variant": "denoising"}),
     ("denoise-pixel", {"objective.variant": "denoising", "objective.mim_target": "pixel"}),
-    ("denoise-no-vicreg", {"objective.variant": "denoising", "objective.vicreg.enabled": "false"}),
+    ("denoise-no-vicreg", {"objective.variant": "denoising", "objective.vicreg": "false"}),
     ("denoise-no-itc", {"objective.variant": "denoising", "objective.itc": "false"}),
     ("denoise-text025", {"objective.variant": "denoising", "objective.text_mask_ratio": "0.25"}),
 )

@@ -28,7 +28,7 @@ TINY = {
     },
     "targets": {"patch": 8, "hog": {"cell": 4}},
     "model": {"preset": "tiny"},
-    "objective": {"vicreg": {"expander_dim": 64}},
+    "objective": {"vicreg_coeffs": {"expander_dim": 64}},
     "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
     "finetune": {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
     "eval": {"k_test": 8, "batch_size": 16, "itm_batch_size": 32},

@@ -59,7 +59,7 @@ def test_roundtrip_and_only_the_last_step_kept(tmp_path):
     (dict(objective__variant="mamo"), "variant="),
     (dict(model__preset="minilm"), "preset="),
     (dict(model__embed_dim=64), "model.embed_dim="),
-    (dict(objective__vicreg__expander_dim=32), "objective.vicreg.expander_dim="),
+    (dict(objective__vicreg_coeffs__expander_dim=32), "objective.vicreg_coeffs.expander_dim="),
     (dict(pretrain__lr=1e-3), "pretrain.lr="),
 ])
 def test_unfinished_mismatched_checkpoint_is_refused(tmp_path, change, key):
@@ -124,16 +124,18 @@ def _args(cfg, tiny_data, tmp, store):
 
 
 def _env(store):
+    # CPU only: bit-identical results are the CPU guarantee (deterministic kernels)
     return {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": str(torch.get_num_threads()),
-            "PYTHONPATH": str(ROOT)}
+            "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_result(tiny_data, tmp_path, store):
-    """2 epochs x 6 steps, checkpoint every 2, val every 5 (mid-epoch); SIGKILL once a
-    checkpoint exists, delete the non-persistent outputs (as DVC does), run again."""
+    """2 epochs x 6 steps, checkpoint every 2, val every 5 (mid-epoch), one persistent data
+    worker (as in params.yaml); SIGKILL once a checkpoint exists, delete the non-persistent
+    outputs (as DVC does), run again."""
     cfg = tiny_config(pretrain__epochs=2, pretrain__batch_size=16, pretrain__checkpoint_every=2,
-                      pretrain__val_every=5, pretrain__log_every=50)
+                      pretrain__val_every=5, pretrain__log_every=50, pretrain__num_workers=1)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed.mkdir(), clean.mkdir()
 
@@ -162,10 +164,10 @@ def test_sigkilled_run_resumes_to_the_same_result(tiny_data, tmp_path, store):
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {latest} at step {record['step']}/12" in resumed.stderr
-    # the uninterrupted reference, in-process (same threads, same seed)
-    cfg_clean = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": store})})
-    run_training(cfg_clean, "pretrain", prepared_dir=tiny_data["prepared"], targets_dir=tiny_data["targets"],
-                 out_dir=clean / "models" / "pretrain", reports_dir=clean / "reports" / "pretrain")
+    # the uninterrupted reference: the same command, same threads, same seed
+    reference = subprocess.run(_args(cfg, tiny_data, clean, store), cwd=ROOT, env=_env(store),
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
 
     a = load_file(killed / "models" / "pretrain" / "model.safetensors")
     b = load_file(clean / "models" / "pretrain" / "model.safetensors")

@@ -105,7 +105,7 @@ def test_two_process_pretrain_with_torchrun_writes_one_mlflow_run(tiny_data, tmp
            "-m", "stages", "pretrain", "--params", str(params), "--prepared", str(tiny_data["prepared"]),
            "--targets", str(tiny_data["targets"]), "--models", str(tmp_path / "models"),
            "--reports", str(tmp_path / "reports")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world size 2" in done.stderr

@@ -125,7 +125,7 @@ def test_full_repro_ablation_and_queue(repo: Path) -> None:
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    tagged = {r.data.tags.get("dvc_exp_name") for r in runs}
+    tagged = {r.data.tags.get("dvc.exp_name") for r in runs}
     assert "queued-mamo" in tagged, tagged
 
     # the report reads the experiment table: both experiments appear in it

@@ -143,7 +143,7 @@ def test_records_from_exp_show_rows() -> None:
          "objective.variant": "denoising", "finetune.itm_ir_r1": 40.0},
         {"Experiment": None, "rev": "a1b2c3d", "typ": "baseline", "seed": 0.0, "finetune.itm_ir_r1": 39.0},
         {"Experiment": "abl-novic-s1", "rev": "e4f5a6b", "typ": "branch_commit", "State": None, "seed": 1.0,
-         "objective.variant": "denoising", "objective.vicreg.enabled": "False", "objective.mim_target": "None",
+         "objective.variant": "denoising", "objective.vicreg": "False", "objective.mim_target": "None",
          "params.yaml:pretrain.lr": 0.0005, "reports/evaluate/metrics.json:finetune.itm_ir_r1": 33.5,
          "reports/pretrain/metrics.json:pretrain.lr": 0.0001, "finetune.itc_tr_r5": "!"},
         {"Experiment": "abl-queued", "rev": "ffffff0", "typ": "branch_base", "State": "Queued", "seed": 2.0},
@@ -151,7 +151,7 @@ def test_records_from_exp_show_rows() -> None:
     recs = records_from_exp_rows(rows)
     assert [r["name"] for r in recs] == ["workspace", "abl-novic-s1"]
     exp = recs[1]
-    assert exp["params"]["objective.vicreg.enabled"] is False and exp["params"]["objective.mim_target"] is None
+    assert exp["params"]["objective.vicreg"] is False and exp["params"]["objective.mim_target"] is None
     assert exp["params"]["pretrain.lr"] == 0.0005 and exp["params"]["seed"] == 1
     assert exp["metrics"] == {"finetune.itm_ir_r1": 33.5}  # "!" (an error) is dropped, not a number
 

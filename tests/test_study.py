@@ -48,8 +48,8 @@ def test_ablations_dry_run_commands() -> None:
     cfgs = {c[5]: _apply(_overrides(c)) for c in runs}  # every -S key exists and validates
     assert cfgs["abl-mamo-s1"].objective.variant == "mamo" and cfgs["abl-mamo-s1"].seed == 1
     assert cfgs["abl-denoise-pixel-s0"].objective.mim_target == "pixel"
-    assert cfgs["abl-denoise-no-vicreg-s0"].objective.vicreg.enabled is False
-    assert cfgs["abl-denoise-no-vicreg-s0"].objective.vicreg.expander_dim == 64  # rest of the section kept
+    assert cfgs["abl-denoise-no-vicreg-s0"].objective.vicreg is False
+    assert cfgs["abl-denoise-no-vicreg-s0"].objective.vicreg_coeffs.expander_dim == 64  # rest of the section kept
     assert cfgs["abl-denoise-no-itc-s1"].objective.itc is False
     assert cfgs["abl-denoise-text025-s0"].objective.text_mask_ratio == 0.25
     assert cfgs["abl-denoise-hog-s0"].objective.variant == "denoising"

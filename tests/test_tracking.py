@@ -24,6 +24,8 @@ def test_uri_from_params_wins(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert tracking.resolve_tracking_uri(TrackingParams(uri="http://example:5000"), tmp_path) == "http://example:5000"
     assert tracking.resolve_tracking_uri(TrackingParams(), tmp_path) == "http://127.0.0.1:1"
+    # the whole config works too (dmp_core.evaluate passes it)
+    assert tracking.resolve_tracking_uri(tiny_config(tracking__uri="http://h:1")) == "http://h:1"
 
 
 def test_default_uri_is_absolute_sqlite_at_dvc_root(monkeypatch, tmp_path):

@@ -81,10 +81,12 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
     if device.type == "cuda":
         torch.cuda.synchronize()
     times, loss = [], 0.0
+    cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         loss = step()  # float() of the loss synchronises the device
         times.append(time.perf_counter() - start)
+    cpu_seconds = time.process_time() - cpu_start
     seconds = sum(times)
     return {
         "bench": "step", "variant": variant, "preset": preset, "batch": batch, "steps": steps,
@@ -93,6 +95,8 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
         # the minimum is the figure least disturbed by other processes on a shared machine
         "s_per_step": round(seconds / max(steps, 1), 4), "s_per_step_min": round(min(times), 4),
         "s_per_step_median": round(statistics.median(times), 4), "pairs_per_s": round(batch * steps / seconds, 1),
+        # process CPU time (all threads): with 1 thread, a figure other processes barely disturb
+        "cpu_s_per_step": round(cpu_seconds / steps, 4),
         "peak_rss_mb": round(_peak_rss_mb(), 1), "torch_threads": torch.get_num_threads(),
         "device": str(device), "final_loss": round(loss, 4),
         "params_trainable": sum(p.numel() for p in params),
