@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typer
+
 from stages._common import ParamsOpt, echo, guarded, load
 from stages.pretrain import ModelsOpt, PreparedOpt, ReportsOpt, summary
 
