@@ -6,8 +6,10 @@ Every rank then computes the loss of the *global* batch, so the value at world s
 equals the single-process loss on the concatenated batch; DDP's gradient averaging
 turns the W identical-loss backward passes (each local gradient is W * dL/dx) into
 exactly dL/dtheta. All ranks must pass the same local batch size (drop_last=True).
-ITM hard negatives are drawn within the local batch (as ALBEF does), so the fused
-states never cross ranks.
+ITM hard negatives are drawn from the gathered similarities (as BLIP does; ALBEF draws
+them locally): the negative's unimodal states are gathered with gradients, so each
+rank's local ITM loss sends gradients to the rank that encoded the negative, and DDP's
+averaging gives the gradient of the mean ITM loss over ranks.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from dmp_core.config import Config, ParamsError, ResolvedObjectives
+from dmp_core.distributed import gather_no_grad, gather_with_grad
 from dmp_core.losses import (itc_loss, itm_loss, mim_loss, mlm_loss, mrm_loss, mrm_targets, resolve_objectives,
                              sample_negatives, vicreg_loss)
 from dmp_core.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
@@ -142,17 +143,24 @@ class Pretrainer(nn.Module):
         # --- every fusion pass of the step in one call
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if o.itm:
-            sim = None
+            # negatives come from the whole (under DDP: gathered) batch; the gathered states
+            # keep their gradients, which flow back to the rank that encoded them
+            all_ids, v_all, t_all, attn_all = (gather_no_grad(image_ids), gather_with_grad(v),
+                                               gather_with_grad(t), gather_no_grad(attn))
+            sim_i2t = sim_t2i = None
             if o.itm_negatives != "uniform":
                 with torch.no_grad():
-                    sim = img_emb.detach().float() @ txt_emb.detach().float().t() / model.temperature.detach().float()
-            neg_txt, neg_img = sample_negatives(sim, image_ids)
+                    temp = model.temperature.detach().float()
+                    img, txt = img_emb.detach().float(), txt_emb.detach().float()
+                    sim_i2t = img @ gather_no_grad(txt).t() / temp
+                    sim_t2i = txt @ gather_no_grad(img).t() / temp
+            neg_txt, neg_img = sample_negatives(sim_i2t, image_ids, all_ids=all_ids, sim_t2i=sim_t2i)
             rows = torch.arange(b, device=device)
             ok_t, ok_i = neg_txt >= 0, neg_img >= 0
             pairs["itm"] = (
-                torch.cat([v, v[rows[ok_t]], v[neg_img[ok_i]]]),
-                torch.cat([t, t[neg_txt[ok_t]], t[rows[ok_i]]]),
-                torch.cat([attn, attn[neg_txt[ok_t]], attn[rows[ok_i]]]),
+                torch.cat([v, v[rows[ok_t]], v_all[neg_img[ok_i]]]),
+                torch.cat([t, t_all[neg_txt[ok_t]], t[rows[ok_i]]]),
+                torch.cat([attn, attn_all[neg_txt[ok_t]], attn[rows[ok_i]]]),
             )
         if v_masked is not None:
             pairs["masked_image"] = (v_masked, t, attn)

@@ -341,18 +341,19 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     resume = ckpt.load(pretrainer)
     step, history, val_history = 0, [], []
     best = {"step": None, "r_mean": -math.inf}
-    elapsed_before, run_id = 0.0, None
+    elapsed_before, run_id, peak_before = 0.0, None, 0.0
     if resume is not None:
         st = resume.state
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         step, history, val_history, best = resume.step, st["history"], st["val_history"], st["best"]
         elapsed_before, run_id = st["elapsed_s"], resume.run_id
+        peak_before = st["peak_rss_mb"]
         if resume.done:
             log(f"{ckpt.latest_path} says this run is complete (step {step}); rewriting outputs")
             if main:
                 _write_outputs(ckpt, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
-                               st["pairs_per_s"], elapsed_before)
+                               st["pairs_per_s"], elapsed_before, st["peak_rss_mb"])
                 write_json(reports_dir / "run.json", st["run_info"])
             ddp_info.barrier()
             ddp_info.close()
@@ -377,7 +378,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
 
-    def save_checkpoint(done: bool, wall_time: Optional[float] = None) -> None:
+    def save_checkpoint(done: bool, wall_time: Optional[float] = None, peak: Optional[float] = None) -> None:
         rng = [rng_state()]
         if ddp_info.world_size > 1:
             rng = [None] * ddp_info.world_size
@@ -388,6 +389,8 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
                      "run_info": {**tracker.run_info(), "stage": stage},
                      "elapsed_s": elapsed() if wall_time is None else wall_time,
                      "pairs_per_s": pairs_seen / max(train_time, 1e-9),
+                     # the training processes' peak, kept so that rewritten outputs report it
+                     "peak_rss_mb": max(peak_rss_mb(), peak_before) if peak is None else peak,
                      "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch}
             ckpt.save(pretrainer, state, step=step, done=done, run_id=tracker.run_id, best_step=best["step"])
         ddp_info.barrier()
@@ -480,11 +483,11 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
                     save_checkpoint(done=False)
                 t_last = time.perf_counter()
 
-        wall_time = elapsed()
-        save_checkpoint(done=True, wall_time=wall_time)
+        wall_time, peak = elapsed(), max(peak_rss_mb(), peak_before)
+        save_checkpoint(done=True, wall_time=wall_time, peak=peak)
         if main:
             metrics = _write_outputs(ckpt, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
-                                     pairs_seen / max(train_time, 1e-9), wall_time)
+                                     pairs_seen / max(train_time, 1e-9), wall_time, peak)
             tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
             tracker.log_artifact(out_dir / "model.safetensors", "model")
             tracker.log_artifact(reports_dir / "metrics.json", "reports")
@@ -515,7 +518,8 @@ def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _write_outputs(ckpt: Checkpointer, out_dir: Path, reports_dir: Path, history: list[dict], val_history: list[dict],
-                   best: dict, step: int, steps_per_epoch: int, pairs_per_s: float, wall_time: float) -> dict[str, Any]:
+                   best: dict, step: int, steps_per_epoch: int, pairs_per_s: float, wall_time: float,
+                   peak_rss: float) -> dict[str, Any]:
     """``model.safetensors`` (best val weights), ``history.csv``, ``val_history.csv``, ``metrics.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.safetensors") as tmp:
@@ -539,7 +543,7 @@ def _write_outputs(ckpt: Checkpointer, out_dir: Path, reports_dir: Path, history
         "loss_final": {k: v for k, v in last.items() if k.startswith("loss")},
         "wall_time_s": round(wall_time, 2),
         "pairs_per_s": round(pairs_per_s, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss, 1),
     }
     write_json(reports_dir / "metrics.json", metrics)
     return metrics

@@ -90,6 +90,47 @@ def test_gathered_itc_and_vicreg_equal_single_process_on_concatenated_batch(tmp_
                 torch.testing.assert_close(g / WORLD, ref[rows], rtol=1e-5, atol=1e-7)
 
 
+def _itm_worker(rank: int, port: int, out_dir: str) -> None:
+    """Each rank's local batch shows ONE image (ids all equal): within the local batch no
+    ITM negative exists; from the gathered batch every row has negatives on the other rank."""
+    from dmp_core.meta_arch import create_pretrainer
+    from dmp_core.models import create_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)  # identical weights on both ranks, as DDP guarantees
+        cfg = tiny_config()
+        model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=30522)
+        pretrainer = create_pretrainer(cfg, "finetune", model)
+        gen = torch.Generator().manual_seed(rank)
+        b, length = 4, cfg.data.max_tokens
+        batch = {"image": torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                 "image_id": torch.full((b,), rank), "caption_id": torch.arange(b),
+                 "input_ids": torch.randint(1000, 2000, (b, length), generator=gen),
+                 "attention_mask": torch.ones(b, length, dtype=torch.long)}
+        seen = []
+        head = pretrainer.model.itm_head
+        head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+        out = pretrainer(batch)
+        out["loss"].backward()
+        grad = sum(float(p.grad.abs().sum()) for p in pretrainer.model.vision.parameters() if p.grad is not None)
+        torch.save({"itm_rows": seen[0], "loss_itm": out["loss_itm"].detach(), "vision_grad": grad},
+                   Path(out_dir) / f"itm{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_itm_negatives_come_from_the_gathered_batch(tmp_path):
+    mp.spawn(_itm_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"itm{rank}.pt", weights_only=True)
+        # B positives + B negative texts + B negative images, all negatives from the other rank
+        assert got["itm_rows"] == 3 * 4
+        assert torch.isfinite(got["loss_itm"]) and got["vision_grad"] > 0
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(420)
