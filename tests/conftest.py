@@ -36,6 +36,15 @@ TINY = {
 }
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for gloo rendezvous, mlflow server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_config(**overrides) -> Config:
     """The TINY dict with nested overrides applied, validated."""
     import copy

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 PER_RANK = 6
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch() -> dict[str, torch.Tensor]:
@@ -74,7 +68,7 @@ def test_gathered_itc_and_vicreg_equal_single_process_on_concatenated_batch(tmp_
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         reference[name] = (loss.detach(), grads)
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -123,7 +117,7 @@ def _itm_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_itm_negatives_come_from_the_gathered_batch(tmp_path):
-    mp.spawn(_itm_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_itm_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"itm{rank}.pt", weights_only=True)
         # B positives + B negative texts + B negative images, all negatives from the other rank

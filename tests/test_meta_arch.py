@@ -230,3 +230,13 @@ def test_overfit_one_batch(variant):
         first = sum(h[term] for h in history[:5]) / 5
         last = sum(h[term] for h in history[-5:]) / 5
         assert last < 0.9 * first, (term, first, last)
+
+
+@pytest.mark.parametrize("variant", ["mamo", "denoising"])
+def test_bench_step_reports_what_it_ran(variant):
+    from dmp_core.benchmarks.step import bench_step
+
+    out = bench_step(tiny_config(), variant=variant, preset="tiny", batch=4, steps=1, warmup=0)
+    assert out["variant"] == variant and out["ema"] == (variant == "mamo")
+    assert out["steps"] == 1 and out["pairs_per_s"] > 0 and out["peak_rss_mb"] > 0
+    assert ("mrm" in out["objectives"]) == (variant == "mamo")

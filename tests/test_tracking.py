@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from dmp_core import tracking
 from dmp_core.config import TrackingParams
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -107,17 +106,12 @@ def test_tracker_sqlite_roundtrip(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------ a real mlflow server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on a free 127.0.0.1 port; stopped by PID afterwards."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
         [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",

@@ -2,9 +2,7 @@
 EMA update where present) on random batches shaped like the real ones."""
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from dmp_core.config import Config, ParamsError, config_from_dict
 from dmp_core.meta_arch import create_pretrainer
 from dmp_core.schedule import build_optimizer
+from dmp_core.train import peak_rss_mb
 from dmp_core.models import create_model
 
 MINILM_VOCAB = 30522
@@ -37,11 +36,6 @@ def random_batch(cfg: Config, batch: int, *, patch: int, vocab_size: int, genera
         "hog": torch.rand(batch, n_patches, hog_dim, generator=generator),
         "pixel": torch.rand(batch, n_patches, patch * patch * 3, generator=generator),
     }
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
@@ -97,7 +91,7 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
         "s_per_step_median": round(statistics.median(times), 4), "pairs_per_s": round(batch * steps / seconds, 1),
         # process CPU time (all threads): with 1 thread, a figure other processes barely disturb
         "cpu_s_per_step": round(cpu_seconds / steps, 4),
-        "peak_rss_mb": round(_peak_rss_mb(), 1), "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "torch_threads": torch.get_num_threads(),
         "device": str(device), "final_loss": round(loss, 4),
         "params_trainable": sum(p.numel() for p in params),
     }
