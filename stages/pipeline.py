@@ -54,10 +54,11 @@ def register(app: typer.Typer) -> None:
         if compare:
             other = "mamo" if cfg.objective.variant == "denoising" else "denoising"
             name = f"{other}-default"
-            if name in _existing_experiments() and not rerun:
+            exists = name in _existing_experiments()
+            if exists and not rerun:
                 echo(f"experiment '{name}' exists for this commit: kept (use --rerun to run it again)")
             else:
-                if name in _existing_experiments():
+                if exists:
                     _run_or_die("exp", "remove", name)
                 _run_or_die("exp", "run", "--temp", "-n", name, "-S", f"objective.variant={other}")
             _run_or_die("repro", "report")  # always_changed: re-reads the experiment table
