@@ -12,7 +12,6 @@ Both the re-ranked (``itm_*``) and the ITC-only (``itc_*``) metrics are reported
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from dmp_core.config import Config
-from dmp_core.errors import CheckpointError, DataError
+from dmp_core.errors import DataError
 from dmp_core.io import save_npz, write_json
 from dmp_core.tracking import read_run_json
 
@@ -288,34 +287,20 @@ def pick_device() -> torch.device:
 
 
 def read_vocab_size(prepared_dir: str | Path) -> int:
-    meta_path = Path(prepared_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing (run the preprocess stage)")
+    from dmp_core.data.dataset import read_meta
+
     try:
-        return int(json.loads(meta_path.read_text())["vocab_size"])
+        return int(read_meta(prepared_dir)["vocab_size"])
     except (KeyError, ValueError, TypeError) as err:
-        raise DataError(f"{meta_path}: no integer 'vocab_size' ({err.__class__.__name__})") from None
+        raise DataError(f"{Path(prepared_dir) / 'meta.json'}: no integer 'vocab_size' ({err.__class__.__name__})") from None
 
 
 def load_model(cfg: Config, weights: str | Path, vocab_size: int, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the configured DMPModel (without downloading/pretrained init) and load ``weights``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from dmp_core.models import create_model, load_weights
 
-    from dmp_core.models import create_model
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: model weights not found (run the training stage first)")
     model = create_model(cfg.model.model_copy(update={"pretrained": False}), image_size=cfg.data.image_size, vocab_size=vocab_size)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({str(err).splitlines()[0]})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"{weights}: does not match model preset '{cfg.model.preset}' ({what})")
+    load_weights(model, weights, missing_hint="run the training stage first")
     return model.to(device).eval()
 
 

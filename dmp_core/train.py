@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from dmp_core.checkpoint import Checkpointer, make_fingerprint, run_params
 from dmp_core.config import Config, TrainParams
-from dmp_core.errors import CheckpointError, DataError, TrainingError
+from dmp_core.errors import DataError, TrainingError
 from dmp_core.io import atomic_path, write_json
 from dmp_core.schedule import build_optimizer, build_scheduler
 
@@ -221,16 +221,6 @@ def amp_context(amp: str, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 
-def read_meta(prepared_dir: Path) -> dict[str, Any]:
-    path = prepared_dir / "meta.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing (run the preprocess stage)") from None
-    except json.JSONDecodeError:
-        raise DataError(f"{path}: invalid JSON") from None
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -285,10 +275,10 @@ def run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_d
 def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_dir: str | Path | None,
                   out_dir: str | Path, reports_dir: str | Path, init_weights: str | Path | None,
                   upstream_run: str | Path | None, progress: Optional[bool]) -> dict[str, Any]:
-    from dmp_core.data.dataset import PairDataset
+    from dmp_core.data.dataset import PairDataset, read_meta
     from dmp_core.evaluate import RetrievalSplit
     from dmp_core.meta_arch import create_pretrainer
-    from dmp_core.models import create_model
+    from dmp_core.models import create_model, load_weights
     from dmp_core.tracking import NullTracker, Tracker, read_run_json, write_run_json
 
     train = train_params(cfg, stage)
@@ -306,7 +296,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
         model_params = model_params.model_copy(update={"pretrained": False})
     model = create_model(model_params, image_size=cfg.data.image_size, vocab_size=int(meta["vocab_size"]))
     if init_weights is not None:
-        _load_init_weights(model, Path(init_weights))
+        load_weights(model, init_weights, missing_hint="run the pretrain stage first")
     pretrainer = create_pretrainer(cfg, stage, model, meta=meta).to(device)
 
     # ---------------------------------------------------------------- data
@@ -503,20 +493,6 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
         tracker.end(status)
         ddp_info.close()
     return metrics if main else {}
-
-
-def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: initial weights not found (run the pretrain stage first)")
-    try:
-        load_model(model, path, strict=True)
-    except (SafetensorError, RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        preset = getattr(model, "preset", "?")
-        raise CheckpointError(f"{path}: cannot load into model preset '{preset}' ({first})") from None
 
 
 def _write_outputs(ckpt: Checkpointer, out_dir: Path, reports_dir: Path, history: list[dict], val_history: list[dict],

@@ -22,6 +22,17 @@ from torch.utils.data import Dataset
 
 from dmp_core.errors import DataError
 
+
+def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
+    """``<prepared_dir>/meta.json`` (written by preprocess); one-line DataError if absent or invalid."""
+    path = Path(prepared_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (run the preprocess stage)") from None
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: invalid JSON") from None
+
 TARGET_KINDS = ("hog", "pixel")
 
 
@@ -129,8 +140,7 @@ class PairDataset(Dataset):
 
     @property
     def meta(self) -> dict[str, Any]:
-        with open(self.prepared_dir / "meta.json") as fh:
-            return json.load(fh)
+        return read_meta(self.prepared_dir)
 
     def image_info(self) -> list[dict[str, Any]]:
         with open(self.split_dir / "images.json") as fh:

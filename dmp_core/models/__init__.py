@@ -12,6 +12,7 @@ from typing import Any
 from transformers import BertConfig
 
 from dmp_core.config import ModelParams, ParamsError
+from dmp_core.errors import CheckpointError
 from dmp_core.models.fusion import MergedFusion
 from dmp_core.models.model import DMPModel
 from dmp_core.models.text import TextTower, load_bert
@@ -19,7 +20,28 @@ from dmp_core.models.vision import VisionTower
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
-__all__ = ["DMPModel", "create_model", "load_preset", "PRESET_DIR"]
+__all__ = ["DMPModel", "create_model", "load_preset", "load_weights", "PRESET_DIR"]
+
+
+def load_weights(model: DMPModel, path: str | Path, *, missing_hint: str) -> DMPModel:
+    """Load a ``model.safetensors`` state dict strictly; one-line CheckpointError otherwise.
+
+    ``missing_hint`` says what produces the file (e.g. "run the pretrain stage first")."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model weights not found ({missing_hint})")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({str(err).splitlines()[0]})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(f"{path}: does not match model preset '{model.preset}' ({what})")
+    return model
 
 
 def load_preset(name: str) -> dict[str, Any]:
