@@ -23,7 +23,7 @@ import torch
 from dmp_core.config import Config
 from dmp_core.errors import DataError
 from dmp_core.io import save_npz, write_json
-from dmp_core.tracking import read_run_json
+from dmp_core.tracking import read_run_json, resolve_tracking_uri
 
 RECALL_KS = (1, 5, 10)
 NOT_RERANKED = -100.0  # score of every pair outside the top-k candidates
@@ -305,12 +305,6 @@ def load_model(cfg: Config, weights: str | Path, vocab_size: int, device: torch.
 
 
 # ------------------------------------------------------------------------ MLflow
-def _tracking_uri(cfg: Config) -> str:
-    from dmp_core.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(cfg.tracking)
-
-
 def log_to_mlflow(cfg: Config, metrics: Mapping[str, Mapping[str, float]], reports_dir: str | Path, split: str) -> list[str]:
     """Add each model's metrics to its training run (id from ``reports/<stage>/run.json``).
 
@@ -330,7 +324,7 @@ def log_to_mlflow(cfg: Config, metrics: Mapping[str, Mapping[str, float]], repor
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=run.get("tracking_uri") or _tracking_uri(cfg))
+        client = MlflowClient(tracking_uri=run.get("tracking_uri") or resolve_tracking_uri(cfg.tracking))
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(f"{split}_{k}", float(v), now, 0) for k, v in values.items()])
         lines.append(f"mlflow: logged {len(values)} {split} metrics to run {run_id} ({stage})")
