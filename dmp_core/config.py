@@ -1,12 +1,22 @@
-"""Typed, validated parameters: the single source of every knob in ``params.yaml``.
+"""Typed, validated parameters: the single source of every knob and of its default.
+
+The defaults here are the embedded CPU default (synthetic set, tiny model, 2 cores).
+``params.yaml`` lists the knobs a study varies (with these same values; a test checks
+it); any other key is set with ``dvc exp run -S ++section.key=value`` and documented in
+docs/PARAMS.md, which ``dmp params doc`` generates from this module.
 
 Every section is a pydantic model with ``extra="forbid"`` so that a typo such as
-``dvc exp run -S objective.vicerg=false`` fails at once instead of silently adding
-a key that nothing reads (treeverse/dvc#6282). Errors are raised as
-:class:`ParamsError` whose message is one line naming the dotted key.
+``dvc exp run -S ++objective.vicerg=false`` fails at once (in the pipeline's first
+stage, ``params``) instead of silently adding a key that nothing reads
+(treeverse/dvc#6282). Cross-field checks (patch sizes, image size, training length)
+run at load too. Errors are raised as :class:`ParamsError` whose message is one line
+naming the dotted key.
 """
 from __future__ import annotations
 
+import difflib
+import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -28,7 +38,7 @@ class _Section(BaseModel):
 class SyntheticParams(_Section):
     n_train: int = Field(8000, ge=1)
     n_val: int = Field(500, ge=1)
-    n_test: int = Field(1000, ge=8)
+    n_test: int = Field(500, ge=8)  # with eval.k_test 16 the ITM re-ranking fits the CPU budget
     captions_per_image: int = Field(5, ge=1, le=10)
     max_objects: int = Field(3, ge=1, le=4)
     # fraction of the test images that belong to attribute-binding groups
@@ -36,8 +46,15 @@ class SyntheticParams(_Section):
     binding_fraction: float = Field(0.5, ge=0.0, le=1.0)
 
 
+# names whose files `dmp download` knows how to fetch; any other name is a Karpathy-format
+# set that must already be in <data.root>/<data.name>/ ("synthetic" is generated)
+DOWNLOADABLE = ("flickr8k", "flickr30k", "coco")
+
+
 class DataParams(_Section):
-    name: Literal["synthetic", "flickr8k", "flickr30k", "coco"] = "synthetic"
+    # synthetic (generated) | flickr8k | flickr30k | coco | any name of a Karpathy-format set
+    name: str = Field("synthetic", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # <root>/<name>/ holds dataset_<name>.json + images/; absolute or relative (see docs/DATA.md)
     root: str = "data/raw"
     image_size: int = Field(64, ge=16, le=1024)
     resize: Literal["shorter_crop", "squash"] = "shorter_crop"
@@ -56,31 +73,42 @@ class DataParams(_Section):
 class HogParams(_Section):
     grad: Literal["sobel", "central"] = "sobel"
     angle: Literal["maskfeat", "skimage"] = "maskfeat"
-    cell: int = Field(4, ge=2)
+    cell: int = Field(8, ge=2)
     bins: int = Field(9, ge=2)
 
 
 class PixelParams(_Section):
+    # SimMIM targets: per-patch normalised pixels (mean/std of each patch and channel), else
+    # pixels normalised with the image tower's mean/std
     norm_per_patch: bool = False
 
 
 class TargetsParams(_Section):
     kinds: list[Literal["hog", "pixel"]] = ["hog", "pixel"]
-    patch: int = Field(8, ge=2)
+    patch: Optional[int] = Field(None, ge=2)  # None = the model preset's patch size (it must equal it)
     batch_size: int = Field(256, ge=1)
     hog: HogParams = HogParams()
     pixel: PixelParams = PixelParams()
 
-    @model_validator(mode="after")
-    def _cells_tile_patch(self) -> "TargetsParams":
-        if self.patch % self.hog.cell:
-            raise ValueError(f"targets.hog.cell={self.hog.cell} must divide targets.patch={self.patch}")
-        return self
-
 
 # -------------------------------------------------------------------------- model
+PRESET_DIR = Path(__file__).parent / "models" / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def preset_spec(name: str) -> dict[str, Any]:
+    """The JSON of a model preset (``dmp_core/models/configs/<name>.json``); ParamsError if unknown."""
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ParamsError(f"model.preset: unknown preset {name!r} (known: {', '.join(preset_names())})")
+    return json.loads(path.read_text())
+
+
 class ModelParams(_Section):
-    preset: Literal["tiny", "minilm", "vit_s_bert_s"] = "tiny"
+    preset: str = "tiny"  # a file in dmp_core/models/configs/: tiny | minilm | vit_s_bert_s | ...
     # load pretrained weights where the preset has them (text tower for minilm,
     # both towers for vit_s_bert_s); False builds the same shapes randomly initialised
     pretrained: bool = True
@@ -88,9 +116,23 @@ class ModelParams(_Section):
     image_weights: Optional[str] = None
     text_weights: Optional[str] = None
     embed_dim: Optional[int] = Field(None, ge=8)
-    fusion_type: Literal["merged", "coattn"] = "merged"
+    patch_size: Optional[int] = Field(None, ge=2)  # None = the preset's (a pretrained tower keeps its own)
+    # the fused pair state read by the ITM head: the fused text [CLS] (ALBEF/BLIP), the
+    # fusion [CLS] (a learned query token at the front of the fused sequence), or both
+    itm_state: Literal["text_cls", "fusion_cls", "concat"] = "text_cls"
+    # the ITM classifier on the pair state: one linear layer (ALBEF), or an MLP
+    # (Linear-GELU-Linear), which learns the image x text match far sooner from scratch
+    # (bench/README.md, "ITM head")
+    itm_head: Literal["linear", "mlp"] = "mlp"
+    # the image [CLS] state joins the fused sequence (before the patches)
+    fusion_image_cls: bool = True
     image_masking: Literal["token", "zero"] = "token"
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _preset_exists(self) -> "ModelParams":
+        preset_spec(self.preset)
+        return self
 
 
 # ---------------------------------------------------------------------- objective
@@ -100,7 +142,11 @@ class VicregParams(_Section):
     sim_coeff: float = Field(25.0, ge=0.0)
     std_coeff: float = Field(25.0, ge=0.0)
     cov_coeff: float = Field(1.0, ge=0.0)
-    expander_dim: int = Field(2048, ge=8)
+    # None = the global batch size. A covariance estimated from n samples has rank <= n-1,
+    # so a wider expander cannot be fully decorrelated at unit variance: the logged
+    # diag_vicreg_cov_floor is the covariance term's lowest reachable value. 512 (with the
+    # floor logged) learns faster than width = batch at the CPU budget (bench/README.md)
+    expander_dim: Optional[int] = Field(512, ge=8)
 
 
 class ObjectiveParams(_Section):
@@ -117,9 +163,11 @@ class ObjectiveParams(_Section):
     text_mask_ratio: Optional[float] = Field(None, gt=0.0, lt=1.0)
     text_mask_rule: Literal["mask", "bert"] = "mask"
     ema_alpha: float = Field(0.995, gt=0.0, lt=1.0)
+    # EMA warm-up (timm ModelEmaV3): decay at step s = min(ema_alpha, 1 - (1 + s)^-power), so
+    # the teacher leaves its random initial weights within the first steps of a short run
+    ema_warmup: bool = True
+    ema_warmup_power: float = Field(0.75, gt=0.0, le=1.0)
     itm_negatives: Literal["auto", "itc", "vicreg", "uniform"] = "auto"
-    itc_queue_size: int = Field(0, ge=0)
-    itc_distill_alpha: float = Field(0.0, ge=0.0, le=1.0)
     w_mrm: float = Field(1.0, ge=0.0)
     w_mim: float = Field(1.0, ge=0.0)
     w_mlm: float = Field(1.0, ge=0.0)
@@ -155,8 +203,6 @@ class ObjectiveParams(_Section):
                 f"itm has no negative source (itm_negatives={self.itm_negatives}); "
                 "turn on itc or vicreg, or set itm_negatives=uniform"
             )
-        if self.itc_queue_size or self.itc_distill_alpha:
-            raise ValueError("itc_queue_size / itc_distill_alpha (ALBEF momentum queue) are not implemented; keep them 0")
         ratio = self.text_mask_ratio if self.text_mask_ratio is not None else (0.25 if mamo else 0.40)
         return ResolvedObjectives(
             variant=self.variant, mim_target=target, itm_negatives=negatives if on["itm"] else "none",
@@ -189,33 +235,60 @@ class ResolvedObjectives(BaseModel):
 
 # ----------------------------------------------------------------------- training
 class TrainParams(_Section):
-    epochs: int = Field(1, ge=1)
-    warmup_epochs: float = Field(0.0, ge=0.0)
+    # the length of the run: exactly `steps` optimiser steps (epochs repeat as needed; the
+    # same compute whatever data.fraction is), or `epochs` full passes; set exactly one
+    steps: Optional[int] = Field(600, ge=1)
+    epochs: Optional[int] = Field(None, ge=1)
+    warmup: float = Field(0.1, ge=0.0, lt=1.0)  # linear warmup over this share of the run, then cosine
     # per process: the global batch under DDP is batch_size * world size
-    batch_size: int = Field(64, ge=2)
+    batch_size: int = Field(32, ge=2)
     # one training pair per image and epoch (caption drawn per epoch) or every caption
-    captions: Literal["all", "one_per_image"] = "all"
-    lr: float = Field(2.5e-4, gt=0.0)
+    captions: Literal["all", "one_per_image"] = "one_per_image"
+    lr: float = Field(1e-3, gt=0.0)
+    # learning-rate multiplier for the fusion layers and the heads that read fused states
+    # (ITM, MLM transform, MIM, MRM predictor); the towers use `lr`
+    fusion_lr_scale: float = Field(2.5, gt=0.0)
     warmup_lr: float = Field(1e-6, ge=0.0)
     min_lr: float = Field(1e-5, ge=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, ge=0.0)
-    max_steps: Optional[int] = Field(None, ge=1)  # cap on optimiser steps (CPU budget, smoke runs); None = epochs
     num_workers: int = Field(1, ge=0)
-    checkpoint_every: int = Field(100, ge=1)
-    val_every: int = Field(0, ge=0)  # steps between val checks; 0 = once per epoch
+    checkpoint_every: int = Field(50, ge=1)
+    val_every: int = Field(100, ge=0)  # steps between val checks (best weights kept); 0 = once per epoch
     log_every: int = Field(10, ge=1)
     amp: Literal["auto", "bf16", "off"] = "auto"
 
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainParams":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of steps and epochs (the other null)")
+        return self
+
+
+class FinetuneParams(TrainParams):
+    """The finetuning recipe: the same knobs, its own defaults (a dict in params.yaml that
+    sets one key keeps these defaults for the others)."""
+
+    steps: Optional[int] = Field(150, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    fusion_lr_scale: float = Field(5.0, gt=0.0)
+    val_every: int = Field(50, ge=0)
+
 
 class EvalParams(_Section):
-    k_test: int = Field(128, ge=1)
+    # ITM re-ranks the top k_test ITC candidates of every query: the seed protocol is 128
+    # (Flickr, GPU); ITM costs ~1 ms per pair on 2 CPU cores, hence 16 here
+    k_test: int = Field(16, ge=1)
     batch_size: int = Field(128, ge=1)
     itm_batch_size: int = Field(256, ge=1)
     # rows of the similarity matrix handled at once (bounds memory on COCO's 5k x 25k)
     chunk_size: int = Field(1024, ge=1)
     split: Literal["val", "test"] = "test"
+    # diagnostics (evaluation and val checks): ITM ROC-AUC over at most this many queries
+    # (gold vs the ITC top-k non-gold candidates); modality-use gaps over this many pairs
+    diag_queries: int = Field(200, ge=1)
+    diag_pairs: int = Field(256, ge=2)
 
 
 class TrackingParams(_Section):
@@ -227,6 +300,7 @@ class TrackingParams(_Section):
 class ReportParams(_Section):
     gallery_queries: int = Field(4, ge=1)
     include_seed_numbers: bool = True
+    bootstrap_samples: int = Field(2000, ge=100)  # paired bootstrap of recall differences
 
 
 class Config(_Section):
@@ -236,10 +310,40 @@ class Config(_Section):
     model: ModelParams = ModelParams()
     objective: ObjectiveParams = ObjectiveParams()
     pretrain: TrainParams = TrainParams()
-    finetune: TrainParams = TrainParams(lr=1e-4)
+    finetune: FinetuneParams = FinetuneParams()
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
     report: ReportParams = ReportParams()
+
+    @property
+    def patch_size(self) -> int:
+        """The image tower's patch size (``model.patch_size`` or the preset's; the MIM targets' patch)."""
+        return int(self.model.patch_size or preset_spec(self.model.preset)["image"]["patch_size"])
+
+    @property
+    def target_patch(self) -> int:
+        return self.targets.patch or self.patch_size
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Config":
+        patch = self.patch_size
+        if self.targets.patch is not None and self.targets.patch != patch:
+            raise ValueError(f"targets.patch={self.targets.patch} must equal the image tower's patch size {patch} "
+                             f"(model.preset={self.model.preset}, model.patch_size={self.model.patch_size}) or be null")
+        if self.data.image_size % patch:
+            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of the patch size {patch} "
+                             f"of model.preset={self.model.preset}")
+        if patch % self.targets.hog.cell:
+            raise ValueError(f"targets.hog.cell={self.targets.hog.cell} must divide the patch size {patch}")
+        if self.data.name == "synthetic":
+            n_train = math.ceil(self.data.synthetic.n_train * self.data.fraction)
+            for stage in ("pretrain", "finetune"):
+                train = getattr(self, stage)
+                pairs = n_train * (1 if train.captions == "one_per_image" else self.data.synthetic.captions_per_image)
+                if pairs < train.batch_size:
+                    raise ValueError(f"{stage}.batch_size={train.batch_size} exceeds the {pairs} synthetic training "
+                                     f"pairs (data.synthetic.n_train x data.fraction)")
+        return self
 
 
 def _format_error(err: ValidationError) -> str:
@@ -252,11 +356,16 @@ def _format_error(err: ValidationError) -> str:
         for part in first["loc"][:-1]:
             field = section.model_fields.get(str(part)) if hasattr(section, "model_fields") else None
             section = field.annotation if field is not None else None
-        allowed = ", ".join(sorted(section.model_fields)) if hasattr(section, "model_fields") else "?"
+        names = sorted(section.model_fields) if hasattr(section, "model_fields") else []
         where = f" in '{parent}'" if parent else ""
-        return f"unknown key '{key}'{where}; allowed: {allowed}"
+        close = difflib.get_close_matches(str(first["loc"][-1]), names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown key '{key}'{where}; {hint}allowed: {', '.join(names) or '?'}"
     if first["type"] == "literal_error":
         return f"bad value for '{key}': {msg}"
+    if first["type"] == "value_error":  # a validator's own message (cross-field checks)
+        msg = msg.removeprefix("Value error, ")
+        return msg if key == "<root>" else f"'{key}': {msg}"
     extra = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
     return f"bad value for '{key}': {msg}{extra}"
 
@@ -295,4 +404,40 @@ def flatten(cfg: Config | dict, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, prefix=name + "."))
         else:
             out[name] = value
+    return out
+
+
+# ----------------------------------------------------------------------- recipes
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A named recipe: ``dmp_core/recipes/<name>.yaml``, a flat mapping of dotted params keys
+    to values (applied on top of params.yaml with ``dvc exp run -S ++key=value``)."""
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ParamsError(f"unknown recipe '{name}' (known: {', '.join(recipe_names())})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or any(not isinstance(k, str) or isinstance(v, (dict, list)) for k, v in raw.items()):
+        raise ParamsError(f"{path}: a recipe is a flat mapping of dotted keys to scalar values")
+    return raw
+
+
+def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the params dict ``raw`` with dotted-key ``overrides`` set."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):  # absent, or an empty section (`tracking:`)
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
     return out

@@ -1,261 +1,751 @@
 """The research report: ``reports/results.md`` and ``reports/figures/*.png``.
 
-Everything arrives as plain data, so this module knows nothing about DVC or MLflow:
+Everything arrives as plain data, so this module knows nothing about DVC, git or MLflow
+(``stages/report.py`` gathers it):
 
-- *records*: one dict per finished run of the pipeline (the workspace and every DVC
-  experiment) with ``name``, ``params`` (dotted keys), ``metrics`` (dotted keys such
-  as ``finetune.itm_ir_r1`` from reports/evaluate/metrics.json), ``run_ids``
-  (stage -> MLflow run id) and ``workspace`` (bool). :func:`records_from_exp_rows`
-  turns the rows of ``dvc.api.exp_show()`` into records.
-- *histories*: record name -> DataFrame of pretraining loss terms per step.
-- *gallery*: the score matrices of reports/evaluate/scores.npz with the test images
-  and captions (:func:`load_gallery`).
+- :class:`Run`: one finished run of the pipeline (the workspace, the HEAD commit or a DVC
+  experiment) with its resolved params and the files its stages wrote:
+  ``reports/evaluate/details.json`` (every recall, diagnostics, split), ``ranks.npz``
+  (per-query ranks, for the bootstrap and the chance level), ``metrics.json`` (used only
+  when details.json is missing) and ``reports/<stage>/metrics.json`` (steps, epochs).
+- the *baseline*: the resolved params of the HEAD commit. Every row is labelled by its
+  difference from it (``mamo``, ``denoising (vicreg=false)``); only a run with exactly
+  the baseline's params is called "baseline".
+- histories (run name -> pretraining loss terms per step) and the retrieval gallery.
 
-Runs that differ only in ``seed`` form one group; tables show mean ± std over seeds.
+Runs that differ only in ``seed`` form one group (mean ± std over seeds). Groups that
+differ in exactly one setting are compared with a paired bootstrap over test images
+(:mod:`dmp_core.stats`). Every number in the report comes from these inputs.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from dmp_core.config import Config, flatten
+from dmp_core.config import Config, ParamsError, config_from_dict, flatten
 from dmp_core.errors import DataError
 from dmp_core.io import atomic_path, write_text
 from dmp_core.seed_results import SEED_RESULTS
+from dmp_core.stats import Ranks, bootstrap_vs_chance, chance_recall, excludes_zero, paired_bootstrap
 
 RECALLS = [("tr", 1), ("tr", 5), ("tr", 10), ("ir", 1), ("ir", 5), ("ir", 10)]
-# params that never make two runs "different methods"
-IGNORED_PARAMS = ("seed", "tracking.", "report.", "eval.batch_size", "eval.itm_batch_size", "eval.chunk_size",
-                  "pretrain.num_workers", "finetune.num_workers", "pretrain.log_every", "finetune.log_every",
-                  "pretrain.checkpoint_every", "finetune.checkpoint_every", "targets.batch_size")
-PARAM_KEYS = frozenset(flatten(Config()))
-METRIC_STAGES = ("pretrain", "finetune")
+RECALL_KEYS = [f"{d}_r{k}" for d, k in RECALLS]
+MODELS = ("finetune", "pretrain")
+MODEL_NAMES = {"finetune": "finetuned", "pretrain": "zero-shot"}
+SCORER_NAMES = {"itm": "ITM re-ranked", "itc": "ITC only"}
+# params that never make two runs different methods (where things run, how they are logged)
+IGNORED_PARAMS = ("seed", "tracking.", "report.", "data.root", "eval.batch_size", "eval.itm_batch_size",
+                  "eval.chunk_size", "eval.diag_queries", "eval.diag_pairs", "pretrain.num_workers",
+                  "finetune.num_workers", "pretrain.log_every", "finetune.log_every", "pretrain.checkpoint_every",
+                  "finetune.checkpoint_every", "targets.batch_size")
+# objective keys whose null means "the variant's recipe" (see canonical_params)
+RECIPE_KEYS = ("mrm", "mim", "mlm", "itc", "itm", "vicreg", "mim_target", "text_mask_ratio", "itm_negatives")
+# stages that run every time (dvc.yaml always_changed), so `dvc status` always lists them
+ALWAYS_CHANGED_STAGES = ("params", "download", "report")
+# the verdict's "the fusion does not use a modality" rules (issue 8)
+DIAGNOSTIC_FLOORS = {"itm_auc": 0.6, "image_use_gap": 0.05, "text_use_gap": 0.01}
+DIAGNOSTIC_NAMES = {"itm_auc": "ITM AUC", "image_use_gap": "image-use gap", "text_use_gap": "text-use gap"}
+BOOTSTRAP_SEED = 0  # the same resamples every time the report is built
 
 
-# ------------------------------------------------------------------ records
-def normalise_value(value: Any) -> Any:
-    """exp_show gives floats or strings; make equal params compare equal."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        lowered = text.lower()
-        if lowered in ("none", "null", "", "-"):
-            return None
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        try:
-            value = float(text)
-        except ValueError:
-            return text
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        value = float(value)
-        return int(value) if value.is_integer() else value
-    if isinstance(value, (list, tuple)):
-        return str(list(value))
-    return value
+# ------------------------------------------------------------------ params
+def canonical_params(cfg: Config) -> dict[str, Any]:
+    """Dotted-key params in which equal settings compare equal.
 
-
-def records_from_exp_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """Turn ``dvc.api.exp_show()`` rows into report records.
-
-    Keeps the workspace row and every experiment that has evaluation metrics; other
-    baseline commits, queued, running and failed experiments are dropped. Column
-    names may carry a ``file:`` prefix (DVC adds it when a name is ambiguous); a
-    column is a param if its dotted name is a key of params.yaml, a metric if it is
-    ``<pretrain|finetune>.<metric>`` from reports/evaluate/metrics.json, and a run id
-    if it ends in ``run_id``.
+    ``flatten(cfg)`` of a validated config (schema defaults fill absent keys), with the
+    objective switches written relative to the variant's recipe: ``None`` where the
+    resolved value is what the variant does anyway (``vicreg: true`` for denoising is
+    ``None``, like ``vicreg: null``), the resolved value otherwise; ``targets.patch``
+    equal to the model's patch size is ``None`` too.
     """
-    records = []
-    for row in rows:
-        typ = row.get("typ")
-        is_workspace = row.get("rev") == "workspace"
-        if typ == "baseline" and not is_workspace:
-            continue
-        if str(row.get("State") or "").lower() in ("queued", "running", "failed"):
-            continue
-        params: dict[str, Any] = {}
-        metrics: dict[str, float] = {}
-        run_ids: dict[str, str] = {}
-        for column, value in row.items():
-            path, _, key = column.rpartition(":")
-            if key in PARAM_KEYS and not path.startswith("reports"):
-                params[key] = normalise_value(value)
-                continue
-            if key.endswith("run_id") and value:
-                run_ids[key.split(".")[0] if "." in key else (Path(path).parent.name or key)] = str(value)
-                continue
-            stage, _, metric = key.partition(".")
-            if stage in METRIC_STAGES and metric.startswith(("itm_", "itc_")) and key not in PARAM_KEYS:
-                number = normalise_value(value)
-                if isinstance(number, (int, float)) and not isinstance(number, bool):
-                    metrics[key] = float(number)
-        if not metrics and not is_workspace:
-            continue
-        name = "workspace" if is_workspace else str(row.get("Experiment") or row.get("rev"))
-        records.append({"name": name, "rev": row.get("rev"), "params": params, "metrics": metrics,
-                        "run_ids": run_ids, "workspace": is_workspace})
-    return records
+    flat = flatten(cfg)
+    actual = cfg.objective.resolve()
+    recipe_fields = {k: None for k in RECIPE_KEYS if k != "itm_negatives"}
+    recipe = cfg.objective.model_copy(update={**recipe_fields, "itm_negatives": "auto"}).resolve()
+    for key in RECIPE_KEYS:
+        value = getattr(actual, key)
+        irrelevant = (key == "mim_target" and not actual.mim) or (key == "itm_negatives" and not actual.itm)
+        flat[f"objective.{key}"] = None if irrelevant or value == getattr(recipe, key) else value
+    if flat.get("targets.patch") == cfg.patch_size:
+        flat["targets.patch"] = None
+    return flat
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _validate(flat: Mapping[str, Any], source: str) -> tuple[Optional[Config], str]:
+    try:
+        return config_from_dict(_nest(flat), source=source), ""
+    except ParamsError as err:
+        return None, str(err)
+
+
+def resolve_params(raw: Optional[Mapping[str, Any]], source: str) -> tuple[dict[str, Any], Optional[str]]:
+    """Canonical params of a raw params.yaml dict, and a note when it does not validate.
+
+    A params file written for an older schema still gets compared: keys the schema does
+    not know are dropped, then, one at a time, each key whose removal clears the
+    current validation error (e.g. ``epochs`` where the schema now defaults ``steps``),
+    so schema defaults stand in for them. The note names every dropped key. If no
+    such key is found, the schema defaults overlaid with the known keys are used
+    unvalidated.
+    """
+    raw = dict(raw or {})
+    cfg, problem = _validate(flatten(raw), source)
+    if cfg is not None:
+        return canonical_params(cfg), None
+    known = flatten(Config())
+    given = {k: v for k, v in flatten(raw).items() if k in known}
+    dropped = sorted(set(flatten(raw)) - set(known))
+    cfg, error = _validate(given, source)
+    while cfg is None:
+        culprit = None
+        for key in given:
+            trial, trial_error = _validate({k: v for k, v in given.items() if k != key}, source)
+            if trial is not None or trial_error != error:
+                culprit, cfg, error = key, trial, trial_error
+                break
+        if culprit is None:
+            break
+        dropped.append(culprit)
+        del given[culprit]
+    note = f"{problem}; compared on the keys it shares with the current schema"
+    if dropped:
+        note += f" (dropped: {', '.join(dropped)})"
+    if cfg is None:
+        return {**known, **given}, note + "; not valid even so, compared unvalidated"
+    return canonical_params(cfg), note
 
 
 def _ignored(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED_PARAMS)
 
 
-def param_diff(params: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, Any]:
-    """Params (other than seed and bookkeeping) whose value differs from the baseline's."""
+def param_diff(params: Mapping[str, Any], baseline: Mapping[str, Any], *, keep_seed: bool = False) -> dict[str, Any]:
+    """Params (other than bookkeeping, and seed unless ``keep_seed``) whose value differs from the baseline's."""
     keys = sorted(set(params) | set(baseline))
-    return {k: params.get(k) for k in keys if not _ignored(k) and normalise_value(params.get(k)) != normalise_value(baseline.get(k))}
+    return {k: params.get(k) for k in keys
+            if (not _ignored(k) or (keep_seed and k == "seed")) and params.get(k) != baseline.get(k)}
 
 
-def _fmt_value(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+def method_params(params: Mapping[str, Any]) -> tuple:
+    """The params that define a method (all but seed and bookkeeping), hashable."""
+    return tuple(sorted((k, repr(v)) for k, v in params.items() if not _ignored(k)))
 
 
-def _label(params: Mapping[str, Any], diff: Mapping[str, Any]) -> str:
-    """Readable group label: the variant, then the other differing params."""
-    variant = params.get("objective.variant") or "?"
-    rest = [f"{k.removeprefix('objective.')}={_fmt_value(v)}" for k, v in diff.items() if k != "objective.variant"]
-    return f"{variant} ({', '.join(rest)})" if rest else str(variant)
+def _fmt_value(key: str, value: Any) -> str:
+    if value is None:
+        return "recipe" if key.startswith("objective.") and key.split(".")[-1] in RECIPE_KEYS else "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
-def _baseline_params(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    for rec in records:
-        if rec.get("workspace"):
-            return dict(rec.get("params", {}))
-    return dict(records[0].get("params", {})) if records else {}
+def _short(key: str) -> str:
+    return key.removeprefix("objective.")
+
+
+def describe_diff(diff: Mapping[str, Any], skip: Iterable[str] = ()) -> str:
+    """``vicreg=false, data.fraction=0.1``: a diff as readable settings."""
+    return ", ".join(f"{_short(k)}={_fmt_value(k, v)}" for k, v in diff.items() if k not in set(skip))
+
+
+def label_for(params: Mapping[str, Any], diff: Mapping[str, Any]) -> str:
+    """The variant, then the other settings that differ from the baseline; ``(baseline)`` when none do."""
+    variant = str(params.get("objective.variant") or "?")
+    rest = describe_diff(diff, skip=("objective.variant",))
+    if rest:
+        return f"{variant} ({rest})"
+    return variant if "objective.variant" in diff else f"{variant} (baseline)"
+
+
+# ------------------------------------------------------------------ runs
+def metrics_to_models(metrics: Optional[Mapping[str, Any]]) -> dict[str, dict]:
+    """reports/evaluate/metrics.json in the shape of details.json's ``models``.
+
+    Reads the current contract (``finetune.tr_r1`` = headline scorer, ``itc_r_mean``,
+    ``diagnostics.finetune_itm_auc``) and the older one (``finetune.itm_tr_r1``).
+    """
+    models: dict[str, dict] = {}
+    for model in MODELS:
+        for key, value in dict((metrics or {}).get(model) or {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            scorer, _, rest = key.partition("_")
+            if scorer not in SCORER_NAMES or not rest:
+                scorer, rest = "itm", key  # the headline scorer's numbers carry no prefix
+            models.setdefault(model, {}).setdefault(scorer, {})[rest] = float(value)
+    for key, value in dict((metrics or {}).get("diagnostics") or {}).items():
+        model, _, name = key.partition("_")
+        if model in MODELS and name:
+            models.setdefault(model, {}).setdefault("diagnostics", {})[name] = value
+    return models
 
 
 @dataclass
-class Groups:
-    """Records annotated with their group label and the params that differ."""
+class Run:
+    """One finished pipeline run, as the report sees it."""
 
-    frame: pd.DataFrame  # one row per record with label, variant, fraction, seed, diff, metrics
-    baseline: dict[str, Any] = field(default_factory=dict)
+    names: list[str]  # workspace, HEAD (<sha>), DVC experiment names (several when rows were merged)
+    params: dict[str, Any]  # canonical params (resolve_params)
+    workspace: bool = False
+    rev: Optional[str] = None  # git commit of an experiment or of HEAD
+    details: Optional[dict] = None  # reports/evaluate/details.json
+    ranks: Optional[dict[str, np.ndarray]] = None  # reports/evaluate/ranks.npz
+    metrics: Optional[dict] = None  # reports/evaluate/metrics.json (fallback for details)
+    training: dict[str, dict] = field(default_factory=dict)  # stage -> reports/<stage>/metrics.json
+    run_ids: dict[str, str] = field(default_factory=dict)  # stage -> MLflow run id
+    notes: list[str] = field(default_factory=list)  # anything odd (e.g. params of an older schema)
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.names)
+
+    @property
+    def missing(self) -> list[str]:
+        """The evaluation files this run lacks, and what that costs."""
+        out = []
+        if self.details is None:
+            out.append("no details.json (recall from metrics.json, no diagnostics unless metrics.json has them)"
+                       if self.metrics else "no details.json or metrics.json (no recall)")
+        if self.ranks is None:
+            out.append("no ranks.npz (no bootstrap intervals for this run)")
+        return out
+
+    @property
+    def seed(self) -> Any:
+        return self.params.get("seed")
+
+    @property
+    def models(self) -> dict[str, dict]:
+        if self.details and self.details.get("models"):
+            return self.details["models"]
+        return metrics_to_models(self.metrics)
+
+    @property
+    def headline(self) -> str:
+        return str((self.details or {}).get("headline_scorer") or "itm")
+
+    def recall(self, model: str, key: str, scorer: Optional[str] = None) -> Optional[float]:
+        value = self.models.get(model, {}).get(scorer or self.headline, {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def diagnostics(self, model: str) -> dict[str, Any]:
+        return dict(self.models.get(model, {}).get("diagnostics") or {})
+
+    @property
+    def txt2img(self) -> Optional[np.ndarray]:
+        return None if self.ranks is None or "txt2img" not in self.ranks else np.asarray(self.ranks["txt2img"])
+
+    def model_ranks(self, model: str, scorer: Optional[str] = None) -> Optional[Ranks]:
+        scorer = scorer or self.headline
+        keys = (f"{model}_{scorer}_tr", f"{model}_{scorer}_ir")
+        if self.ranks is None or not all(k in self.ranks for k in keys):
+            return None
+        return Ranks(np.asarray(self.ranks[keys[0]]), np.asarray(self.ranks[keys[1]]))
+
+    @property
+    def split(self) -> dict[str, Any]:
+        """dataset, name, image_size, images, texts (details.json, else params and ranks.npz)."""
+        split = dict((self.details or {}).get("split") or {})
+        split.setdefault("dataset", self.params.get("data.name"))
+        split.setdefault("name", self.params.get("eval.split"))
+        split.setdefault("image_size", self.params.get("data.image_size"))
+        if self.txt2img is not None:
+            split.setdefault("images", int(self.txt2img.max()) + 1)
+            split.setdefault("texts", int(len(self.txt2img)))
+        return split
+
+    def training_value(self, stage: str, key: str) -> Any:
+        return (self.training.get(stage) or {}).get(key)
 
 
-def annotate(records: Sequence[Mapping[str, Any]]) -> Groups:
-    baseline = _baseline_params(records)
-    rows = []
-    for rec in records:
-        params = rec.get("params", {})
-        diff = param_diff(params, baseline)
-        row = {
-            "name": rec.get("name"),
-            "workspace": bool(rec.get("workspace")),
-            "variant": params.get("objective.variant"),
-            "dataset": params.get("data.name"),
-            "fraction": params.get("data.fraction"),
-            "seed": params.get("seed"),
-            "diff": diff,
-            "label": _label(params, diff),
-            "run_ids": dict(rec.get("run_ids", {})),
-        }
-        row.update(rec.get("metrics", {}))
-        rows.append(row)
-    columns = ["name", "workspace", "variant", "dataset", "fraction", "seed", "diff", "label", "run_ids"]
-    frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
-    return Groups(frame, baseline)
+def _same_results(a: Run, b: Run) -> bool:
+    return bool(a.models) and a.models == b.models
 
 
-# ------------------------------------------------------------------ tables
-def _mean_std(values: pd.Series) -> str:
-    values = values.dropna()
-    if values.empty:
+def merge_duplicates(runs: Sequence[Run]) -> list[Run]:
+    """One row for runs with the same params (seed included) and the same metrics.
+
+    The workspace after ``dvc exp apply``, the HEAD commit and the experiment it came
+    from are one run; the merged row lists every name (the workspace first).
+    """
+    merged: list[Run] = []
+    for run in runs:
+        twin = next((m for m in merged if param_diff(m.params, run.params, keep_seed=True) == {}
+                     and _same_results(m, run)), None)
+        if twin is None:
+            merged.append(Run(**{**run.__dict__, "names": list(run.names), "notes": list(run.notes),
+                                 "run_ids": dict(run.run_ids), "training": dict(run.training)}))
+            continue
+        twin.names += [n for n in run.names if n not in twin.names]
+        twin.workspace = twin.workspace or run.workspace
+        twin.rev = twin.rev or run.rev
+        for attr in ("details", "ranks", "metrics"):
+            if getattr(twin, attr) is None:
+                setattr(twin, attr, getattr(run, attr))
+        for stage, values in run.training.items():
+            twin.training.setdefault(stage, values)
+        for stage, run_id in run.run_ids.items():
+            twin.run_ids.setdefault(stage, run_id)
+        twin.notes += [n for n in run.notes if n not in twin.notes]
+    for run in merged:
+        run.names.sort(key=lambda n: n != "workspace")
+    return merged
+
+
+# ------------------------------------------------------------------ groups
+@dataclass
+class Group:
+    """Runs that differ only in seed (one method)."""
+
+    label: str
+    diff: dict[str, Any]  # method params that differ from the baseline
+    params: dict[str, Any]  # of its first run
+    runs: list[Run]
+
+    @property
+    def variant(self) -> Any:
+        return self.params.get("objective.variant")
+
+    @property
+    def fraction(self) -> Any:
+        return self.params.get("data.fraction")
+
+    @property
+    def seeds(self) -> list:
+        return [r.seed for r in self.runs]
+
+    def values(self, model: str, key: str, scorer: Optional[str] = None) -> list[float]:
+        return [v for r in self.runs if (v := r.recall(model, key, scorer)) is not None]
+
+    def representative(self, model: str = "finetune") -> Optional[Run]:
+        """Seed 0 if it has ranks, else the lowest seed that has them."""
+        with_ranks = [r for r in self.runs if r.model_ranks(model) is not None]
+        return min(with_ranks, key=lambda r: (r.seed != 0, r.seed if isinstance(r.seed, (int, float)) else 0),
+                   default=None)
+
+    @property
+    def run_names(self) -> str:
+        return "; ".join(r.name for r in self.runs)
+
+
+def group_runs(runs: Sequence[Run], baseline: Mapping[str, Any]) -> list[Group]:
+    """Runs grouped by method, labelled by their difference from the baseline; baseline group first."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = method_params(run.params)
+        if key not in groups:
+            diff = param_diff(run.params, baseline)
+            groups[key] = Group(label_for(run.params, diff), diff, dict(run.params), [])
+        groups[key].runs.append(run)
+    for group in groups.values():
+        group.runs.sort(key=lambda r: (r.seed if isinstance(r.seed, (int, float)) else 0, r.name))
+    return sorted(groups.values(), key=lambda g: (len(g.diff), g.label))
+
+
+def stale_warnings(workspace_params: Optional[Mapping[str, Any]], baseline: Mapping[str, Any], baseline_source: str,
+                   stale_stages: Sequence[str] = ()) -> list[str]:
+    """Warning lines for the top of the report: workspace params that differ from HEAD, stale stages."""
+    lines = []
+    if workspace_params is not None:
+        diff = param_diff(workspace_params, baseline, keep_seed=True)
+        if diff:
+            changes = ", ".join(f"{k}={_fmt_value(k, v)} (baseline {_fmt_value(k, baseline.get(k))})"
+                                for k, v in diff.items())
+            lines.append(f"The workspace params differ from the baseline ({baseline_source}): {changes}. "
+                         "The `workspace` row is that run, not the baseline; commit it, or restore params.yaml "
+                         "and `dvc repro`.")
+    stale = [s for s in stale_stages if s.split(":")[-1] not in ALWAYS_CHANGED_STAGES]
+    if stale:
+        lines.append(f"`dvc status`: not up to date: {', '.join(stale)}. The `workspace` row's outputs do not "
+                     "match its params or code; run `dvc repro` before reading it.")
+    return lines
+
+
+# ------------------------------------------------------------------ formatting
+def _mean_std(values: Sequence[float], digits: int = 1) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
         return "–"
     if len(values) == 1:
-        return f"{values.iloc[0]:.1f}"
-    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def _metric_cols(stage: str, scorer: str = "itm") -> list[tuple[str, str]]:
-    return [(f"{d.upper()} R@{k}", f"{stage}.{scorer}_{d}_r{k}") for d, k in RECALLS]
+def _signed(value: float) -> str:
+    value = 0.0 if round(value, 1) == 0 else value  # no "−0.0"
+    return f"{value:+.1f}".replace("-", "−")
 
 
-def _aggregate(frame: pd.DataFrame, by: list[str], stage: str, scorer: str = "itm", extra: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
-    rows = []
-    for key, group in frame.groupby(by, sort=False, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, key))
-        row["seeds"] = int(group["seed"].nunique(dropna=False))
-        row["runs"] = ", ".join(str(n) for n in group["name"])
-        for title, col in list(_metric_cols(stage, scorer)) + list(extra):
-            row[title] = _mean_std(group[col]) if col in group else "–"
-        rows.append(row)
-    return pd.DataFrame(rows)
+def _interval(result: Mapping[str, float]) -> str:
+    return f"{_signed(result['diff'])} [{_signed(result['lo'])}, {_signed(result['hi'])}]"
 
 
-def main_table(groups: Groups, include_seed_numbers: bool = True) -> pd.DataFrame:
-    """The seed's layout: TR and IR R@1/5/10 per method and dataset (runs at the baseline data fraction)."""
-    frame = groups.frame
-    same = frame[frame["diff"].map(lambda d: set(d) <= {"objective.variant"})]
-    parts = []
-    for stage, what in (("finetune", "finetuned"), ("pretrain", "zero-shot")):
-        cols = [c for _, c in _metric_cols(stage) if c in same]
-        have = same.dropna(subset=cols, how="all") if cols else same.iloc[0:0]
-        if have.empty:
-            continue
-        table = _aggregate(have, ["variant", "dataset"], stage)
-        table.insert(0, "Method", table.pop("variant").map(lambda v: f"{v} (ours, {what})"))
-        table.insert(1, "Dataset", table.pop("dataset"))
-        parts.append(table)
-    if include_seed_numbers:
-        seed_rows = []
-        for res in SEED_RESULTS:
-            row = {"Method": res["method"], "Dataset": res["dataset"], "seeds": "–", "runs": res["source"]}
-            for d, k in RECALLS:
-                row[f"{d.upper()} R@{k}"] = f"{res[f'{d}_r{k}']:g}"
-            seed_rows.append(row)
-        parts.append(pd.DataFrame(seed_rows))
-    if not parts:
-        return pd.DataFrame()
-    return pd.concat(parts, ignore_index=True)
-
-
-def ablation_table(groups: Groups) -> pd.DataFrame:
-    """One row per method (runs differing only by seed), at the baseline data fraction."""
-    frame = groups.frame
-    frame = frame[frame["diff"].map(lambda d: "data.fraction" not in d)]
-    if frame.empty:
-        return pd.DataFrame()
-    extra = [("R mean", "finetune.itm_r_mean"), ("ITC R mean", "finetune.itc_r_mean"), ("zero-shot R mean", "pretrain.itm_r_mean")]
-    table = _aggregate(frame, ["label"], "finetune", extra=extra)
-    return table.rename(columns={"label": "Method"})
-
-
-def scaling_table(groups: Groups) -> pd.DataFrame:
-    """R@1 against data.fraction per variant (runs differing only by variant, fraction and seed)."""
-    frame = groups.frame
-    frame = frame[frame["diff"].map(lambda d: set(d) <= {"objective.variant", "data.fraction"})]
-    if frame.empty or frame["fraction"].nunique() < 2:
-        return pd.DataFrame()
-    extra = [("R mean", "finetune.itm_r_mean")]
-    table = _aggregate(frame.sort_values(["variant", "fraction"]), ["variant", "fraction"], "finetune", extra=extra)
-    keep = ["variant", "fraction", "seeds", "TR R@1", "IR R@1", "R mean", "runs"]
-    return table[keep].rename(columns={"variant": "Variant", "fraction": "data.fraction"})
-
-
-def provenance_table(groups: Groups) -> pd.DataFrame:
-    rows = []
-    for _, rec in groups.frame.iterrows():
-        diff = ", ".join(f"{k}={_fmt_value(v)}" for k, v in rec["diff"].items()) or "(baseline)"
-        rows.append({
-            "run": rec["name"], "group": rec["label"], "seed": rec["seed"], "differs from baseline": diff,
-            "pretrain MLflow run": rec["run_ids"].get("pretrain", "–"),
-            "finetune MLflow run": rec["run_ids"].get("finetune", "–"),
-        })
-    return pd.DataFrame(rows)
+def _seeds_cell(group: Group) -> str:
+    return f"{len(group.runs)} ({', '.join(str(s) for s in group.seeds)})"
 
 
 def _md(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, disable_numparse=True)  # keep "25.0", "–" as written
+
+
+def _split_text(split: Mapping[str, Any]) -> str:
+    images, texts = split.get("images"), split.get("texts")
+    size = f", {images} images / {texts} captions" if images and texts else ""
+    return f"{split.get('dataset')} {split.get('name') or 'test'}{size}"
+
+
+# ------------------------------------------------------------------ tables
+def _at_base_fraction(groups: Sequence[Group]) -> list[Group]:
+    return [g for g in groups if "data.fraction" not in g.diff]
+
+
+def chance_levels(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """The exact chance recall of every distinct test split among the runs (stats.chance_recall of txt2img)."""
+    out: dict[tuple, dict] = {}
+    for run in runs:
+        split = run.split
+        key = (split.get("dataset"), split.get("name"), split.get("images"), split.get("texts"))
+        if key in out and out[key]["source"] == "ranks.npz":
+            continue
+        if run.txt2img is not None:
+            out[key] = {"split": split, "chance": chance_recall(run.txt2img), "source": "ranks.npz"}
+        elif (run.details or {}).get("chance") and key not in out:
+            out[key] = {"split": split, "chance": dict(run.details["chance"]), "source": "details.json"}
+    return list(out.values())
+
+
+def main_table(groups: Sequence[Group], runs: Sequence[Run], include_seed_numbers: bool = True) -> pd.DataFrame:
+    """One row per method and model (finetuned, zero-shot), the chance level of each split, the seed paper's rows."""
+    rows = []
+    for model in MODELS:
+        for group in _at_base_fraction(groups):
+            if not any(r.models.get(model) for r in group.runs):
+                continue
+            first = group.runs[0]
+            split = first.split
+            row = {"Method": group.label, "Model": MODEL_NAMES[model], "Dataset": split.get("dataset"),
+                   "Image size": f"{split.get('image_size')} px", "Scorer": SCORER_NAMES.get(first.headline, first.headline),
+                   "Seeds": _seeds_cell(group)}
+            for key in RECALL_KEYS:
+                row[_col(key)] = _mean_std(group.values(model, key))
+            row["R mean"] = _mean_std(group.values(model, "r_mean"))
+            row["ITC R mean"] = _mean_std(group.values(model, "r_mean", "itc"))
+            row["Runs"] = group.run_names
+            rows.append(row)
+    for level in chance_levels(runs):
+        split, chance = level["split"], level["chance"]
+        row = {"Method": "chance (random ranking, exact)", "Model": "–", "Dataset": split.get("dataset"),
+               "Image size": "–", "Scorer": "any", "Seeds": "–"}
+        for key in RECALL_KEYS:
+            row[_col(key)] = f"{chance[key]:.2f}"
+        row["R mean"] = row["ITC R mean"] = f"{chance['r_mean']:.2f}"
+        row["Runs"] = f"{_split_text(split)} (from {level['source']})"
+        rows.append(row)
+    if include_seed_numbers:
+        for res in SEED_RESULTS:
+            row = {"Method": res["method"], "Model": "finetuned", "Dataset": res["dataset"], "Image size": "–",
+                   "Scorer": res["protocol"], "Seeds": "–"}
+            for key in RECALL_KEYS:
+                row[_col(key)] = f"{res[key]:g}"
+            row["R mean"] = f"{np.mean([res[k] for k in RECALL_KEYS]):.1f}"
+            row["ITC R mean"] = "–"
+            row["Runs"] = f"{res['source']}; {res['pretraining']}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _col(key: str) -> str:
+    """``tr_r1`` -> ``TR R@1``."""
+    direction, _, k = key.partition("_r")
+    return f"{direction.upper()} R@{k}"
+
+
+def diagnostics_table(groups: Sequence[Group]) -> pd.DataFrame:
+    """ITM AUC and the modality-use gaps of every run and model (details.json, else metrics.json)."""
+    rows = []
+    for group in groups:
+        for run in group.runs:
+            for model in MODELS:
+                diag = run.diagnostics(model)
+                if not diag:
+                    continue
+                flags = _diagnostic_flags(diag)
+                rows.append({
+                    "Run": run.name, "Method": group.label, "Model": MODEL_NAMES[model],
+                    "ITM AUC": _fmt_num(diag.get("itm_auc"), 3),
+                    "image-use gap (nats)": _fmt_num(diag.get("image_use_gap"), 3),
+                    "text-use gap (nats)": _fmt_num(diag.get("text_use_gap"), 3),
+                    "MLM loss matched / shuffled": _pair(diag.get("mlm_loss_matched"), diag.get("mlm_loss_shuffled")),
+                    "below floor": "; ".join(flags) or "–",
+                })
+    return pd.DataFrame(rows)
+
+
+def _fmt_num(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
+def _pair(a: Any, b: Any) -> str:
+    return "–" if a is None and b is None else f"{_fmt_num(a, 3)} / {_fmt_num(b, 3)}"
+
+
+def _diagnostic_flags(diag: Mapping[str, Any]) -> list[str]:
+    flags = []
+    for key, floor in DIAGNOSTIC_FLOORS.items():
+        value = diag.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor:
+            flags.append(f"{DIAGNOSTIC_NAMES[key]} {value:.3f} < {floor:g}")
+    return flags
+
+
+# ------------------------------------------------------------------ statistics
+@dataclass
+class Comparison:
+    """Group ``a`` minus group ``b``, which differ in exactly one setting."""
+
+    a: Group
+    b: Group
+    setting: str
+    run_a: Optional[Run] = None
+    run_b: Optional[Run] = None
+    result: Optional[dict[str, dict[str, float]]] = None  # paired_bootstrap of the finetuned headline ranks
+    why_not: str = ""
+    per_seed: Optional[list[float]] = None  # r_mean differences of the seeds both groups ran
+
+    @property
+    def title(self) -> str:
+        return f"{self.a.label} − {self.b.label}"
+
+
+def _order(a: Group, b: Group, key: str, baseline: Mapping[str, Any]) -> tuple[Group, Group]:
+    """denoising − mamo for the variant; otherwise the changed setting minus its base."""
+    if key == "objective.variant":
+        return (a, b) if a.variant == "denoising" else (b, a)
+    if b.params.get(key) != baseline.get(key) and a.params.get(key) == baseline.get(key):
+        return b, a
+    if a.params.get(key) != baseline.get(key) and b.params.get(key) == baseline.get(key):
+        return a, b
+    va, vb = a.params.get(key), b.params.get(key)
+    if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
+        return (a, b) if va >= vb else (b, a)
+    return (a, b) if str(va) >= str(vb) else (b, a)
+
+
+def comparisons(groups: Sequence[Group], baseline: Mapping[str, Any], n_samples: int,
+                seed: int = BOOTSTRAP_SEED) -> list[Comparison]:
+    """Every pair of groups that differ in exactly one setting, with its paired bootstrap."""
+    out = []
+    for g1, g2 in combinations(groups, 2):
+        keys = [k for k in set(g1.params) | set(g2.params)
+                if not _ignored(k) and g1.params.get(k) != g2.params.get(k)]
+        if len(keys) != 1:
+            continue
+        a, b = _order(g1, g2, keys[0], baseline)
+        comp = Comparison(a, b, keys[0], a.representative(), b.representative())
+        if comp.run_a is None or comp.run_b is None:
+            missing = a.label if comp.run_a is None else b.label
+            comp.why_not = f"no ranks.npz for {missing}"
+        elif not np.array_equal(comp.run_a.txt2img, comp.run_b.txt2img):
+            comp.why_not = "different test splits"
+        else:
+            comp.result = paired_bootstrap(comp.run_a.model_ranks("finetune"), comp.run_b.model_ranks("finetune"),
+                                           comp.run_a.txt2img, n_samples=n_samples, seed=seed)
+        seeds_a = {r.seed: r.recall("finetune", "r_mean") for r in a.runs}
+        seeds_b = {r.seed: r.recall("finetune", "r_mean") for r in b.runs}
+        common = [s for s in seeds_a if s in seeds_b and seeds_a[s] is not None and seeds_b[s] is not None]
+        if len(a.runs) > 1 and len(b.runs) > 1 and len(common) > 1:
+            comp.per_seed = [seeds_a[s] - seeds_b[s] for s in common]
+        out.append(comp)
+    return out
+
+
+def statistics_table(comps: Sequence[Comparison]) -> pd.DataFrame:
+    rows = []
+    for comp in comps:
+        scorer = SCORER_NAMES.get(comp.run_a.headline, comp.run_a.headline) if comp.run_a else "–"
+        row = {"A − B": comp.title, "setting": _short(comp.setting), "scorer": f"finetuned, {scorer}",
+               "runs (A vs B)": f"{comp.run_a.name if comp.run_a else '–'} vs {comp.run_b.name if comp.run_b else '–'}"}
+        for key in (*RECALL_KEYS, "r_mean"):
+            row[_col(key) if key != "r_mean" else "R mean"] = _interval(comp.result[key]) if comp.result else "–"
+        row["R mean CI excludes 0"] = ("yes" if excludes_zero(comp.result["r_mean"]) else "no") if comp.result \
+            else comp.why_not
+        row["per-seed Δ R mean"] = (f"{np.mean(comp.per_seed):+.1f} ± {np.std(comp.per_seed, ddof=1):.1f} "
+                                    f"({len(comp.per_seed)} seeds)").replace("-", "−") if comp.per_seed else "–"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class ChanceTest:
+    run: Run
+    label: str
+    model: str
+    result: dict[str, dict[str, float]]  # bootstrap_vs_chance
+
+
+def chance_tests(groups: Sequence[Group], n_samples: int, seed: int = BOOTSTRAP_SEED) -> list[ChanceTest]:
+    """Every run's models (headline scorer) against the chance level of their split."""
+    out = []
+    for group in groups:
+        for run in group.runs:
+            for model in MODELS:
+                ranks = run.model_ranks(model)
+                if ranks is not None:
+                    out.append(ChanceTest(run, group.label, model,
+                                          bootstrap_vs_chance(ranks, run.txt2img, n_samples=n_samples, seed=seed)))
+    return out
+
+
+def chance_table(tests: Sequence[ChanceTest]) -> pd.DataFrame:
+    rows = []
+    for test in tests:
+        r = test.result["r_mean"]
+        rows.append({"Run": test.run.name, "Method": test.label, "Model": MODEL_NAMES[test.model],
+                     "Scorer": SCORER_NAMES.get(test.run.headline, test.run.headline),
+                     "R mean": f"{r['value']:.1f}", "chance R mean": f"{r['chance']:.2f}",
+                     "R mean − chance [95% CI]": _interval(r), "excludes chance": "yes" if r["lo"] > 0 else "no"})
+    return pd.DataFrame(rows)
+
+
+def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequence[ChanceTest],
+            levels: Sequence[Mapping[str, Any]]) -> str:
+    """A paragraph generated from the numbers: the variant difference, re-ranking, diagnostics, chance."""
+    sentences = []
+    variant = [c for c in comps if c.setting == "objective.variant"]
+    for comp in variant:
+        if comp.result is None:
+            sentences.append(f"Denoising − MAMO ({comp.title}) has no interval: {comp.why_not}.")
+            continue
+        r = comp.result["r_mean"]
+        where = f" at {describe_diff(comp.a.diff, skip=('objective.variant',))}" \
+            if describe_diff(comp.a.diff, skip=("objective.variant",)) else ""
+        claim = ("excludes 0: " + ("denoising is better" if r["diff"] > 0 else "MAMO is better")
+                 + " on this test split") if excludes_zero(r) else "includes 0: no difference can be claimed"
+        seeds = (f" Over the {len(comp.per_seed)} seeds both ran, the R mean difference is "
+                 f"{_signed(float(np.mean(comp.per_seed)))} ± {np.std(comp.per_seed, ddof=1):.1f}."
+                 if comp.per_seed else "")
+        sentences.append(f"Denoising − MAMO{where} (finetuned, {SCORER_NAMES.get(comp.run_a.headline, '')}, runs "
+                         f"{comp.run_a.name} vs {comp.run_b.name}): R mean {_signed(r['diff'])} points, 95% CI "
+                         f"[{_signed(r['lo'])}, {_signed(r['hi'])}]; the interval {claim}.{seeds}")
+    if not variant:
+        sentences.append("No denoising − MAMO interval: no two runs differ only in objective.variant.")
+    for group in groups:
+        for run in group.runs:
+            if run.headline != "itm":
+                continue
+            itm, itc = run.recall("finetune", "r_mean", "itm"), run.recall("finetune", "r_mean", "itc")
+            if itm is not None and itc is not None and itm <= itc:
+                sentences.append(f"ITM re-ranking does not beat ITC-only for {run.name} ({group.label}): finetuned "
+                                 f"R mean {itm:.1f} re-ranked vs {itc:.1f} ITC-only.")
+            for model in MODELS:
+                flags = _diagnostic_flags(run.diagnostics(model))
+                if flags:
+                    sentences.append(f"The fusion of {run.name} ({group.label}, {MODEL_NAMES[model]}) is not using a "
+                                     f"modality: {', '.join(flags)}.")
+    for level in levels:
+        sentences.append(f"Chance R mean on {_split_text(level['split'])} is {level['chance']['r_mean']:.2f}.")
+    if tests:
+        below = [f"{t.run.name} ({MODEL_NAMES[t.model]})" for t in tests if not t.result["r_mean"]["lo"] > 0]
+        if below:
+            sentences.append(f"The R mean interval of {', '.join(below)} does not exclude chance; "
+                             f"{len(tests) - len(below)} of {len(tests)} models' intervals lie above it.")
+        else:
+            sentences.append(f"All {len(tests)} models' R mean intervals lie above chance.")
+    else:
+        sentences.append("No model was tested against chance (no ranks.npz).")
+    return " ".join(sentences)
+
+
+# ------------------------------------------------------------------ data scaling
+SCALING_KEYS = ("objective.variant", "data.fraction")
+
+
+def scaling_sets(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
+    """Sets of groups that differ from each other only in variant and data.fraction, with >= 2 fractions.
+
+    Each set is named by its other settings' difference from the baseline (a scaling
+    study run with ``-S pretrain.epochs=1 -S pretrain.steps=null`` is its own set).
+    """
+    sets: dict[tuple, list[Group]] = {}
+    for group in groups:
+        key = tuple(item for item in method_params(group.params) if item[0] not in SCALING_KEYS)
+        sets.setdefault(key, []).append(group)
+    out = []
+    for members in sets.values():
+        if len({g.fraction for g in members}) >= 2:
+            name = describe_diff(members[0].diff, skip=SCALING_KEYS) or "baseline settings"
+            out.append((name, sorted(members, key=lambda g: (str(g.variant), g.fraction))))
+    return sorted(out, key=lambda item: item[0] != "baseline settings")
+
+
+def _values_cell(values: Sequence[Any]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    unique = sorted(set(values))
+    return ", ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in unique)
+
+
+def scaling_table(groups: Sequence[Group]) -> pd.DataFrame:
+    """Rows by variant x data.fraction, with the steps and epochs each run actually trained."""
+    rows = []
+    for name, members in scaling_sets(groups):
+        for group in members:
+            first = group.runs[0]
+            row = {"Settings": name, "Variant": group.variant, "data.fraction": f"{group.fraction:g}",
+                   "Scorer": f"finetuned, {SCORER_NAMES.get(first.headline, first.headline)}",
+                   "Seeds": _seeds_cell(group)}
+            for stage in ("pretrain", "finetune"):
+                row[f"{stage} steps"] = _values_cell([r.training_value(stage, "steps") for r in group.runs])
+                row[f"{stage} epochs"] = _values_cell([r.training_value(stage, "epochs") for r in group.runs])
+            for key in ("tr_r1", "ir_r1"):
+                row[_col(key)] = _mean_std(group.values("finetune", key))
+            row["R mean"] = _mean_std(group.values("finetune", "r_mean"))
+            row["Runs"] = group.run_names
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _policy(runs: Sequence[Run]) -> str:
+    parts = []
+    for stage in ("pretrain", "finetune"):
+        steps = {r.params.get(f"{stage}.steps") for r in runs}
+        epochs = {r.params.get(f"{stage}.epochs") for r in runs}
+        if None not in steps and len(steps) == 1:
+            parts.append(f"{stage}: equal optimiser steps ({stage}.steps={steps.pop()} at every fraction, so smaller "
+                         "fractions repeat their data for more epochs)")
+        elif None not in epochs and len(epochs) == 1:
+            parts.append(f"{stage}: equal epochs ({stage}.epochs={epochs.pop()} at every fraction, so smaller "
+                         "fractions train fewer steps: data and compute are confounded)")
+        else:
+            parts.append(f"{stage}: mixed training lengths across runs (see the steps and epochs columns)")
+    return "; ".join(parts)
+
+
+def scaling_policy(groups: Sequence[Group]) -> str:
+    """Which training length each scaling set shares: equal optimiser steps, equal epochs, or neither."""
+    sets = scaling_sets(groups)
+    if len(sets) == 1:
+        return f"Training-length policy: {_policy([r for g in sets[0][1] for r in g.runs])}."
+    return "Training-length policy: " + " | ".join(
+        f"{name}: {_policy([r for g in members for r in g.runs])}" for name, members in sets) + "."
 
 
 # ------------------------------------------------------------------ plots
@@ -268,10 +758,10 @@ def _figure():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 110, tight: bool = True) -> Path:
     plt = _figure()
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return path
 
@@ -296,7 +786,8 @@ def plot_losses(histories: Mapping[str, pd.DataFrame], labels: Mapping[str, str]
             continue
         steps = history["step"] if "step" in history else pd.Series(np.arange(len(history)))
         for col, term in loss_columns(history).items():
-            series = pd.Series(history[col].to_numpy(dtype=float), index=steps.to_numpy()).dropna()
+            series = pd.Series(pd.to_numeric(history[col], errors="coerce").to_numpy(dtype=float),
+                               index=steps.to_numpy()).dropna()
             series = series.groupby(level=0).mean()  # one value per step
             if series.empty:
                 continue
@@ -320,63 +811,77 @@ def plot_losses(histories: Mapping[str, pd.DataFrame], labels: Mapping[str, str]
     for ax in list(axes.flat)[len(terms):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=colours[label], label=label) for label in all_labels]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(handles) / 4)))
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(handles) / 4)))
     fig.suptitle("Pretraining loss terms (mean over seeds; a term is absent where a variant does not use it)", y=1.02)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_scaling(groups: Groups, path: Path) -> Path | None:
-    frame = groups.frame
-    frame = frame[frame["diff"].map(lambda d: set(d) <= {"objective.variant", "data.fraction"})]
-    cols = ["finetune.itm_ir_r1", "finetune.itm_tr_r1"]
-    if frame.empty or frame["fraction"].nunique() < 2 or not set(cols) <= set(frame):
+def plot_scaling(groups: Sequence[Group], path: Path) -> Path | None:
+    sets = scaling_sets(groups)
+    if not sets:
         return None
+    keep = [g for _, members in sets for g in members]
     plt = _figure()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), squeeze=False)
-    for ax, col, title in zip(axes.flat, cols, ("image retrieval R@1", "text retrieval R@1")):
-        for variant, group in frame.groupby("variant"):
-            stats = group.groupby("fraction")[col].agg(["mean", "std"]).sort_index()
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=str(variant))
+    for ax, key, title in zip(axes.flat, ("ir_r1", "tr_r1"), ("image retrieval R@1", "text retrieval R@1")):
+        for name, members in sets:
+            for variant in sorted({str(g.variant) for g in members}):
+                points = sorted((g.fraction, g.values("finetune", key)) for g in members if str(g.variant) == variant)
+                points = [(f, v) for f, v in points if v]
+                if not points:
+                    continue
+                means = [np.mean(v) for _, v in points]
+                stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in points]
+                label = variant if len(sets) == 1 else f"{variant} ({name})"
+                ax.errorbar([f for f, _ in points], means, yerr=stds, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("data.fraction (training images)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes.flat[0].set_ylabel("R@1 (%)")
+    scorer = SCORER_NAMES.get(keep[0].runs[0].headline, "")
+    axes.flat[0].set_ylabel(f"R@1 (%), finetuned, {scorer}")
     axes.flat[0].legend()
     return _save(fig, path)
 
 
-def plot_ablations(groups: Groups, path: Path) -> Path | None:
-    frame = groups.frame
-    frame = frame[frame["diff"].map(lambda d: "data.fraction" not in d)]
-    cols = {"IR R@1": "finetune.itm_ir_r1", "TR R@1": "finetune.itm_tr_r1"}
-    if frame.empty or frame["label"].nunique() < 2 or not set(cols.values()) <= set(frame):
+def plot_ablations(groups: Sequence[Group], path: Path) -> Path | None:
+    keep = [g for g in _at_base_fraction(groups) if g.values("finetune", "ir_r1") and g.values("finetune", "tr_r1")]
+    if len(keep) < 2:
         return None
-    stats = frame.groupby("label", sort=False)[list(cols.values())].agg(["mean", "std"])
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(stats)), 3.6))
-    x = np.arange(len(stats))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(keep)), 3.6))
+    x = np.arange(len(keep))
     width = 0.38
-    for j, (title, col) in enumerate(cols.items()):
-        ax.bar(x + (j - 0.5) * width, stats[(col, "mean")], width, yerr=stats[(col, "std")].fillna(0), capsize=3, label=title)
-    ax.set_xticks(x, stats.index, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("R@1 (%), finetuned, ITM re-ranked")
+    for j, (title, key) in enumerate((("IR R@1", "ir_r1"), ("TR R@1", "tr_r1"))):
+        values = [g.values("finetune", key) for g in keep]
+        ax.bar(x + (j - 0.5) * width, [np.mean(v) for v in values], width,
+               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values], capsize=3, label=title)
+    ax.set_xticks(x, [g.label for g in keep], rotation=25, ha="right", fontsize=8)
+    scorer = SCORER_NAMES.get(keep[0].runs[0].headline, "")
+    ax.set_ylabel(f"R@1 (%), finetuned, {scorer}")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
 # ------------------------------------------------------------------ gallery
+GALLERY_DPI = 100
+MIN_DISPLAY_PX, MAX_DISPLAY_PX = 96, 224  # real photos are legible at 96-224 px
+
+
 @dataclass
 class GalleryData:
     images: np.ndarray  # uint8 [N, H, W, 3]
     captions: list[str]  # one per caption id
     txt2img: np.ndarray  # [M]
-    scores: dict[str, tuple[np.ndarray, np.ndarray]]  # model -> (i2t, t2i)
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]  # model -> (i2t, t2i), ITM re-ranked
+    dataset: str = "?"
+    split: str = "test"
 
 
-def load_gallery(scores_npz: str | Path, split_dir: str | Path) -> GalleryData:
+def load_gallery(scores_npz: str | Path, split_dir: str | Path, dataset: str = "?") -> GalleryData:
     """Scores of every model in reports/evaluate/scores.npz and the split's images/captions."""
     scores_npz, split_dir = Path(scores_npz), Path(split_dir)
     for path in (scores_npz, split_dir / "images.npy", split_dir / "captions.parquet"):
@@ -385,7 +890,7 @@ def load_gallery(scores_npz: str | Path, split_dir: str | Path) -> GalleryData:
     with np.load(scores_npz) as npz:
         arrays = {k: npz[k] for k in npz.files}
     models = sorted({k[: -len("_i2t")] for k in arrays if k.endswith("_i2t") and not k.endswith("itc_i2t")},
-                    key=lambda m: (METRIC_STAGES.index(m) if m in METRIC_STAGES else len(METRIC_STAGES), m))
+                    key=lambda m: (MODELS[::-1].index(m) if m in MODELS else len(MODELS), m))
     scores = {m: (arrays[f"{m}_i2t"], arrays[f"{m}_t2i"]) for m in models if f"{m}_t2i" in arrays}
     if not scores:
         scores = {"final": (arrays["i2t"], arrays["t2i"])}
@@ -396,15 +901,40 @@ def load_gallery(scores_npz: str | Path, split_dir: str | Path) -> GalleryData:
         captions=captions[text_col].astype(str).tolist(),
         txt2img=arrays["txt2img"],
         scores=scores,
+        dataset=dataset,
+        split=split_dir.name,
     )
 
 
-def _query_ids(n: int, count: int) -> list[int]:
-    return sorted({int(i) for i in np.linspace(0, n - 1, num=min(count, n))})
+def gallery_scale(image_px: int) -> float:
+    """Display scale of gallery images: 1 (pixel for pixel) from 96 to 224 px, an integer
+    enlargement below (nearest neighbour, said in the caption), a reduction above."""
+    if image_px < MIN_DISPLAY_PX:
+        return float(math.ceil(MIN_DISPLAY_PX / image_px))
+    if image_px > MAX_DISPLAY_PX:
+        return MAX_DISPLAY_PX / image_px
+    return 1.0
+
+
+def gallery_caption(data: GalleryData) -> str:
+    """Names the dataset, the image size and how the images are shown."""
+    h, w = data.images.shape[1:3]
+    scale = gallery_scale(max(h, w))
+    if scale > 1:
+        how = f"shown enlarged {scale:g}× (nearest neighbour, {int(w * scale)} px on screen)"
+    elif scale < 1:
+        how = f"shown reduced to {int(round(w * scale))} px"
+    else:
+        how = "shown pixel for pixel"
+    return f"{data.dataset} {data.split} split, images {w}×{h} px, {how}"
 
 
 def plot_gallery(data: GalleryData, model: str, path: Path, queries: int = 4, top: int = 5) -> Path:
-    """Top-``top`` images for a few captions (gold framed green) and top captions for a few images."""
+    """Top-``top`` images for a few captions (gold framed green) and top captions for a few images.
+
+    Axes are placed in inches at a fixed dpi so that an image cell is exactly the
+    image's display size (:func:`gallery_scale`).
+    """
     import textwrap
 
     from matplotlib.patches import Rectangle
@@ -414,39 +944,74 @@ def plot_gallery(data: GalleryData, model: str, path: Path, queries: int = 4, to
     text_q = _query_ids(t2i.shape[0], queries)
     image_q = _query_ids(i2t.shape[0], queries)
     top = min(top, i2t.shape[0], i2t.shape[1])
-    fig = plt.figure(figsize=(2.0 * (top + 2), 2.0 * (len(text_q) + len(image_q)) + 0.6))
-    grid = fig.add_gridspec(len(text_q) + len(image_q), top + 2)
+    h, w = data.images.shape[1:3]
+    scale = gallery_scale(max(h, w))
+    cell_w, cell_h = w * scale / GALLERY_DPI, h * scale / GALLERY_DPI  # inches
+    pad, title_h, text_w, head = 0.08, 0.22, 2.6, 0.55
+    rows = len(text_q) + len(image_q)
+    fig_w = text_w + top * (cell_w + pad) + pad
+    fig_w = max(fig_w, text_w + cell_w + 6.0)
+    fig_h = head + rows * (cell_h + title_h + pad)
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=GALLERY_DPI)
+    interpolation = "nearest" if scale >= 1 else "antialiased"
+
+    def axes_at(x: float, y_top: float, width: float, height: float):
+        return fig.add_axes((x / fig_w, 1 - (y_top + height) / fig_h, width / fig_w, height / fig_h))
+
+    def show(ax, img: int, gold: bool = False) -> None:
+        ax.imshow(np.asarray(data.images[img]), interpolation=interpolation)
+        ax.set_xticks([]), ax.set_yticks([])
+        if gold:
+            ax.add_patch(Rectangle((0, 0), w - 1, h - 1, fill=False, edgecolor="limegreen", linewidth=4))
+
     for r, t in enumerate(text_q):
-        ax = fig.add_subplot(grid[r, :2])
+        y = head + r * (cell_h + title_h + pad) + title_h
+        ax = axes_at(pad, y, text_w - 2 * pad, cell_h)
         ax.axis("off")
-        ax.text(0, 0.5, "\n".join(textwrap.wrap(f"“{data.captions[t]}”", 28)), va="center", fontsize=8)
-        ranked = np.argsort(-t2i[t], kind="stable")[:top]
-        for c, img in enumerate(ranked):
-            ax = fig.add_subplot(grid[r, 2 + c])
-            ax.imshow(np.asarray(data.images[img]))
-            ax.set_xticks([]), ax.set_yticks([])
+        ax.text(0, 0.5, "\n".join(textwrap.wrap(f"“{data.captions[t]}”", 34)), va="center", fontsize=8)
+        for c, img in enumerate(np.argsort(-t2i[t], kind="stable")[:top]):
             gold = img == data.txt2img[t]
-            h, w = data.images.shape[1:3]
-            if gold:
-                ax.add_patch(Rectangle((0, 0), w - 1, h - 1, fill=False, edgecolor="limegreen", linewidth=5))
+            ax = axes_at(text_w + c * (cell_w + pad), y, cell_w, cell_h)
+            show(ax, int(img), gold)
             ax.set_title(f"#{c + 1}" + (" gold" if gold else ""), fontsize=7, color="green" if gold else "black")
     for r, img in enumerate(image_q, start=len(text_q)):
-        ax = fig.add_subplot(grid[r, 0])
-        ax.imshow(np.asarray(data.images[img]))
-        ax.set_xticks([]), ax.set_yticks([])
+        y = head + r * (cell_h + title_h + pad) + title_h
+        ax = axes_at(pad, y, cell_w, cell_h)
+        show(ax, img)
         ax.set_title(f"image {img}", fontsize=7)
-        ax = fig.add_subplot(grid[r, 1:])
+        ax = axes_at(pad + cell_w + 0.2, y, fig_w - cell_w - 0.4, cell_h)
         ax.axis("off")
         ranked = np.argsort(-i2t[img], kind="stable")[:top]
         for c, t in enumerate(ranked):
             gold = data.txt2img[t] == img
             line = f"{c + 1}. {'✓ ' if gold else ''}{textwrap.shorten(data.captions[t], 90)}"
-            ax.text(0.02, 1 - (c + 0.5) / top, line, va="center", fontsize=8,
+            ax.text(0.0, 1 - (c + 0.5) / top, line, va="center", fontsize=8,
                     color="green" if gold else "black", weight="bold" if gold else "normal")
-    fig.suptitle(f"Retrieval gallery: {model} (ITM re-ranked). Rows 1-{len(text_q)}: caption → images; "
-                 f"then image → captions. Gold in green.", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return _save(fig, path)
+    title = (f"Retrieval gallery: {model} ({SCORER_NAMES['itm']}), {gallery_caption(data)}. "
+             f"Rows 1-{len(text_q)}: caption → images; then image → captions. Gold in green.")
+    fig.text(pad / fig_w, 1 - 0.06 / fig_h, "\n".join(textwrap.wrap(title, int(fig_w * 15))), fontsize=8,
+             va="top", ha="left")
+    return _save(fig, path, dpi=GALLERY_DPI, tight=False)
+
+
+def _query_ids(n: int, count: int) -> list[int]:
+    return sorted({int(i) for i in np.linspace(0, n - 1, num=min(count, n))})
+
+
+# ------------------------------------------------------------------ provenance
+def provenance_table(groups: Sequence[Group], baseline: Mapping[str, Any]) -> pd.DataFrame:
+    rows = []
+    for group in groups:
+        for run in group.runs:
+            diff = describe_diff(param_diff(run.params, baseline))
+            rows.append({
+                "run": run.name, "method": group.label, "seed": run.seed, "commit": run.rev or "–",
+                "differs from baseline": diff or "nothing (baseline params)",
+                "pretrain MLflow run": run.run_ids.get("pretrain", "–"),
+                "finetune MLflow run": run.run_ids.get("finetune", "–"),
+                "notes": "; ".join(run.notes + run.missing) or "–",
+            })
+    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------ the report
@@ -454,61 +1019,105 @@ MODEL_TITLES = {"pretrain": "after pretraining (zero-shot)", "finetune": "after 
 
 
 def build_report(
-    records: Sequence[Mapping[str, Any]],
+    runs: Sequence[Run],
     out_dir: str | Path,
     *,
+    baseline: Mapping[str, Any],
+    baseline_source: str = "HEAD params.yaml",
+    warnings: Sequence[str] = (),
     histories: Mapping[str, pd.DataFrame] | None = None,
     gallery: GalleryData | None = None,
+    gallery_run: str = "workspace",
     gallery_queries: int = 4,
     include_seed_numbers: bool = True,
+    bootstrap_samples: int = 2000,
     notes: Sequence[str] = (),
 ) -> Path:
     """Write ``<out_dir>/results.md`` and ``<out_dir>/figures/*.png``; return the markdown path.
 
-    ``notes`` are extra lines for the top of the report (e.g. where the data came from).
-    Every plot without data is left out, with a sentence saying why.
+    ``warnings`` go at the very top (stale workspace, see :func:`stale_warnings`);
+    ``notes`` are lines on where the data came from. Every table or plot without data
+    is replaced by a sentence saying why.
     """
     out_dir = Path(out_dir)
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    groups = annotate(records)
-    lines = ["# Results", "", "Generated by `dmp report` from the DVC experiment table "
-             "(workspace + experiments), reports/evaluate/scores.npz and the MLflow runs. "
-             "Recall in %, ITM re-ranked (ALBEF protocol) unless marked ITC; mean ± std over seeds.", ""]
+    runs = merge_duplicates(runs)
+    groups = group_runs(runs, baseline)
+    comps = comparisons(groups, baseline, bootstrap_samples)
+    tests = chance_tests(groups, bootstrap_samples)
+    levels = chance_levels(runs)
+
+    lines = ["# Results", ""]
+    lines += [f"> **Warning:** {w}" for w in warnings]
+    if warnings:
+        lines.append("")
+    lines += [f"Generated by `dmp report` from reports/evaluate/details.json and ranks.npz of every run (the "
+              f"workspace, the HEAD commit and every DVC experiment). Recall in %; mean ± std over seeds. "
+              f"Each method is named by how its resolved params differ from the baseline, the params of "
+              f"{baseline_source}; \"(baseline)\" marks runs with exactly those params.", ""]
+    notes = list(notes) + [f"Run {run.name}: {'; '.join(run.missing)}." for run in runs if run.missing]
     lines += [f"- {n}" for n in notes]
     if notes:
         lines.append("")
 
-    def section(title: str, table: pd.DataFrame, empty: str, text: str = "") -> None:
-        lines.extend([f"## {title}", ""])
+    def section(title: str, table: pd.DataFrame, empty: str, text: str = "", level: str = "##") -> None:
+        lines.extend([f"{level} {title}", ""])
         if text:
             lines.extend([text, ""])
         lines.extend([_md(table) if not table.empty else empty, ""])
 
-    if groups.frame.empty:
+    def figure(title: str, path: Path | None, missing: str, caption: str = "") -> None:
+        lines.extend([f"### {title}", ""])
+        lines.extend([f"![{title}](figures/{path.name})" if path else missing, ""])
+        if path and caption:
+            lines.extend([caption, ""])
+
+    if not runs:
         lines += ["No finished runs: run `dvc repro` (or `dmp study ...`) first.", ""]
-    section("Main results", main_table(groups, include_seed_numbers),
-            "No evaluation metrics yet (reports/evaluate/metrics.json is missing).",
-            "Our rows: test split of the configured dataset, runs at the baseline settings. "
+    lines.extend(["## Verdict", "", verdict(groups, comps, tests, levels) if runs else "No runs, no verdict.", ""])
+
+    section("Main results", main_table(groups, runs, include_seed_numbers),
+            "No evaluation results yet (reports/evaluate/details.json and metrics.json are missing).",
+            "One row per method and model, on each run's test split: *finetuned* and *zero-shot* (after "
+            "pretraining) with the headline scorer named in the Scorer column (ITM re-ranked: ITM re-scores the "
+            "ITC top-k; ITC only in the ITC R mean column). Runs differing only in `seed` are one row. The chance "
+            "rows are the exact expected recall of a random ranking of the split. "
             + ("Rows marked *reported* are the seed paper's numbers on other data and models "
                "(Flickr30K/COCO, ViT-S or ViT-B towers): context, not a comparison of equals."
                if include_seed_numbers else ""))
-    section("Ablations", ablation_table(groups),
-            "No ablation runs yet: run `dmp study ablations`.",
-            "Finetuned retrieval per method; each row groups runs that differ only in `seed`.")
+    section("Diagnostics", diagnostics_table(groups),
+            "No diagnostics: details.json has no `diagnostics` for any run.",
+            "Does the fusion use both modalities? ITM AUC: gold pairs against the ITC top-k non-gold candidates "
+            "(0.5 = no signal). Image-use gap: MLM loss with shuffled images minus with the matching ones (nats). "
+            "Text-use gap: the same for MIM with shuffled captions (models with a MIM head). 'below floor' flags "
+            + ", ".join(f"{DIAGNOSTIC_NAMES[k]} < {v:g}" for k, v in DIAGNOSTIC_FLOORS.items()) + ".")
 
-    def figure(title: str, path: Path | None, missing: str) -> None:
-        lines.extend([f"### {title}", ""])
-        lines.extend([f"![{title}](figures/{path.name})" if path else missing, ""])
+    lines.extend(["## Statistics", ""])
+    section("Paired differences", statistics_table(comps),
+            "No pair of methods differs in exactly one setting.",
+            f"Every pair of methods that differ in exactly one setting: A − B in percentage points on the finetuned "
+            f"model's ranks under the scorer named in the table (the two variants: denoising − MAMO; an ablation: changed − base), "
+            f"with the paired bootstrap 95% interval over test images ({bootstrap_samples} resamples of the "
+            f"images with replacement, the captions of a drawn image with it, the same resamples for A and B; "
+            f"RNG seed {BOOTSTRAP_SEED}). Seed 0 of each method (else its lowest seed); per-seed Δ: mean ± std of "
+            f"the R mean differences of the seeds both methods ran.", level="###")
+    section("Models against chance", chance_table(tests),
+            "No ranks.npz: no model was tested against chance.",
+            f"R mean minus the exact chance level, with a 95% bootstrap interval ({bootstrap_samples} image "
+            "resamples; chance enters each resample as the expected hit of a random ranking).", level="###")
 
     figure("Ablations (R@1)", plot_ablations(groups, figures / "ablations.png"),
            "No ablation chart: fewer than two methods have finished runs with metrics.")
     section("Data scaling", scaling_table(groups),
-            "No data-scaling table: fewer than two `data.fraction` values have finished runs (run `dmp study scaling`).")
+            "No data-scaling table: fewer than two `data.fraction` values have finished runs (run `dmp study scaling`).",
+            (scaling_policy(groups) + " Steps and epochs are those each run trained "
+             "(reports/pretrain/metrics.json and reports/finetune/metrics.json).")
+            if scaling_sets(groups) else "")
     figure("Data scaling (R@1)", plot_scaling(groups, figures / "scaling.png"),
            "No data-scaling plot: fewer than two `data.fraction` values have finished runs.")
 
-    labels = dict(zip(groups.frame["name"], groups.frame["label"]))
+    labels = {name: g.label for g in groups for r in g.runs for name in r.names}
     loss_plot = plot_losses(histories or {}, labels, figures / "pretrain_losses.png")
     figure("Pretraining loss terms", loss_plot,
            "No loss curves: no pretraining history was found (reports/pretrain/history.csv or MLflow metric histories).")
@@ -517,13 +1126,19 @@ def build_report(
     if gallery is None:
         lines.extend(["No gallery: reports/evaluate/scores.npz or the prepared test split is missing.", ""])
     else:
+        gallery_label = labels.get(gallery_run, gallery_run)
         for model in gallery.scores:
             path = plot_gallery(gallery, model, figures / f"gallery_{model}.png", queries=gallery_queries)
-            lines.extend([f"### {model} {MODEL_TITLES.get(model, '')}".rstrip(), "", f"![gallery {model}](figures/{path.name})", ""])
+            lines.extend([f"### {model} {MODEL_TITLES.get(model, '')}".rstrip(), "",
+                          f"![gallery {model}](figures/{path.name})", "",
+                          f"Run `{gallery_run}` ({gallery_label}), {SCORER_NAMES['itm']}: {gallery_caption(gallery)}.",
+                          ""])
 
-    if not groups.frame.empty:
-        section("Provenance", provenance_table(groups), "",
-                "Each run: DVC experiment name, the params that differ from the workspace baseline, MLflow run ids.")
+    if runs:
+        section("Provenance", provenance_table(groups, baseline), "",
+                f"Each run: its names (workspace, HEAD commit, DVC experiments; merged when params and metrics are "
+                f"identical), the params that differ from the baseline ({baseline_source}), MLflow run ids, and "
+                f"what is missing.")
     md_path = out_dir / "results.md"
     write_text(md_path, "\n".join(lines).rstrip() + "\n")
     return md_path

@@ -6,7 +6,9 @@ grid), as ``[B, P, D]`` float tensors:
 * :func:`hog` -- per RGB channel histograms of oriented gradients (METHOD.md
   section 5), ``D = C * bins * (patch / cell) ** 2`` (108 at patch 16, cell 8).
 * :func:`pixel_targets` -- the patch's pixels in ``[0, 1]``, ``D = patch * patch * C``,
-  optionally normalised per patch (MAE / SimMIM).
+  optionally normalised per patch (MAE / SimMIM); without per-patch normalisation the
+  training step maps them into the image tower's normalised input space
+  (:func:`normalise_pixel_targets`), so the L1 loss has the scale SimMIM's has.
 
 :func:`run_targets` is the ``targets`` pipeline stage: it precomputes both for
 every prepared split and writes them as float16 ``.npy`` files plus a JSON
@@ -249,13 +251,24 @@ def pixel_targets(
         return out.contiguous()
 
 
+def normalise_pixel_targets(targets: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Pixel targets in ``[0, 1]`` (``[B, P, patch*patch*C]``, channel last) -> normalised
+    with the image tower's per-channel ``mean``/``std``: the same space as the model's
+    input, as SimMIM regresses (used when ``targets.pixel.norm_per_patch`` is off)."""
+    mean, std = mean.reshape(-1).to(targets), std.reshape(-1).to(targets)
+    channels = mean.numel()
+    shape = targets.shape
+    out = (targets.reshape(*shape[:-1], -1, channels) - mean) / std
+    return out.reshape(shape)
+
+
 # ----------------------------------------------------------------------------- stage
 def target_settings(cfg: Any) -> dict[str, Any]:
     """Every parameter that determines the target arrays (written to the sidecar)."""
     t = cfg.targets
     return {
         "kinds": list(dict.fromkeys(t.kinds)),  # in order, without repeats
-        "patch": t.patch,
+        "patch": cfg.target_patch,
         "hog": {"cell": t.hog.cell, "bins": t.hog.bins, "grad": t.hog.grad, "angle": t.hog.angle, "eps": HOG_EPS},
         "pixel": {"norm_per_patch": t.pixel.norm_per_patch, "eps": PIXEL_NORM_EPS},
     }
@@ -263,21 +276,21 @@ def target_settings(cfg: Any) -> dict[str, Any]:
 
 def target_dim(kind: str, cfg: Any, channels: int = 3) -> int:
     """Width ``D`` of one patch's target of ``kind`` under ``cfg.targets`` (for MIM heads)."""
-    t = cfg.targets
+    t, patch = cfg.targets, cfg.target_patch
     if kind == "hog":
-        return channels * t.hog.bins * (t.patch // t.hog.cell) ** 2
+        return channels * t.hog.bins * (patch // t.hog.cell) ** 2
     if kind == "pixel":
-        return t.patch * t.patch * channels
+        return patch * patch * channels
     raise TargetsError(f"targets.kinds: unknown kind {kind!r} (allowed: hog, pixel)")
 
 
 def compute_targets(images: torch.Tensor, kind: str, cfg: Any) -> torch.Tensor:
     """One kind of target (``hog`` or ``pixel``) for a batch, with ``cfg.targets`` settings."""
-    t = cfg.targets
+    t, patch = cfg.targets, cfg.target_patch
     if kind == "hog":
-        return hog(images, patch=t.patch, cell=t.hog.cell, bins=t.hog.bins, grad=t.hog.grad, angle=t.hog.angle)
+        return hog(images, patch=patch, cell=t.hog.cell, bins=t.hog.bins, grad=t.hog.grad, angle=t.hog.angle)
     if kind == "pixel":
-        return pixel_targets(images, patch=t.patch, norm_per_patch=t.pixel.norm_per_patch)
+        return pixel_targets(images, patch=patch, norm_per_patch=t.pixel.norm_per_patch)
     raise TargetsError(f"targets.kinds: unknown kind {kind!r} (allowed: hog, pixel)")
 
 
@@ -322,7 +335,7 @@ def run_targets(
 
     for split in splits:
         src = prepared_dir / split / "images.npy"
-        images = _open_images(src, t.patch)
+        images = _open_images(src, cfg.target_patch)
         n, height, width = images.shape[:3]
         dest = out_dir / split
         dest.mkdir(parents=True, exist_ok=True)
@@ -331,7 +344,7 @@ def run_targets(
             if kind not in kinds:
                 (dest / f"{kind}.npy").unlink(missing_ok=True)
 
-        num_patches = (height // t.patch) * (width // t.patch)
+        num_patches = (height // cfg.target_patch) * (width // cfg.target_patch)
         shapes = {kind: (n, num_patches, target_dim(kind, cfg)) for kind in kinds}
         with contextlib.ExitStack() as stack:
             outs = {

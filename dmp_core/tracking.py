@@ -10,6 +10,13 @@ back to the real root, so queued runs land in the user's store rather than in a 
 that DVC deletes afterwards. Artifacts of a SQLite store go to ``mlartifacts/`` beside
 the database file (set explicitly as the experiment's ``file://`` artifact location).
 
+Each run is named ``<DVC experiment name or 'workspace'>/<stage>``; its params are every
+config key with its real value (``null``, ``true``) plus ``resolved.<name>``, the objectives
+the variant recipe and the switches resolve to; tags ``dmp.objectives`` and
+``dmp.mim_target`` make runs filterable by what actually ran (see :func:`mlflow_params`,
+:func:`objective_tags`). :func:`close_orphan_run` ends a run killed before its first
+checkpoint.
+
 Only rank 0 tracks; other ranks get a :class:`NullTracker`.
 """
 from __future__ import annotations
@@ -108,6 +115,79 @@ def read_run_json(path: str | Path) -> Optional[dict[str, Any]]:
         return None
 
 
+# ---------------------------------------------------------------- what a run records
+# the objectives the finetune stage trains, whatever the variant (dmp_core.training.meta_arch
+# LOSS_TERMS["finetune"]; tests/test_tracking.py checks that the two agree)
+FINETUNE_OBJECTIVES = ("itc", "itm")
+MLFLOW_PARAM_MAX = 6000  # MLflow's limit on the length of a param value
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it (a string), spelt as in params.yaml: ``null``, ``true``,
+    ``0.0005``, ``["hog", "pixel"]``; never ``''`` for an unset switch."""
+    if isinstance(value, str):
+        text = value
+    else:  # None -> null, True -> true, lists and tuples -> JSON arrays, numbers as Python prints them
+        text = json.dumps(list(value) if isinstance(value, tuple) else value)
+    return text[:MLFLOW_PARAM_MAX]
+
+
+def mlflow_params(cfg: Config) -> dict[str, str]:
+    """Every config key (its real value) plus ``resolved.<name>``: what the variant recipe
+    and the switches give (``cfg.objective.resolve()``: which objectives ran, the MIM target,
+    the mask ratios, ITM's negatives, whether an EMA model exists). The resolved objectives
+    are those of pretraining, the recipe behind both stages' models."""
+    resolved = cfg.objective.resolve()
+    params = {k: param_value(v) for k, v in flatten(cfg).items()}
+    params.update({f"resolved.{k}": param_value(v) for k, v in resolved.model_dump().items()})
+    params["resolved.objectives"] = ",".join(resolved.active)
+    return params
+
+
+def objective_tags(cfg: Config, stage: str) -> dict[str, str]:
+    """Tags to filter runs by: ``dmp.objectives`` (what this stage trains, e.g.
+    ``itc,itm,mlm,mim,vicreg``), ``dmp.pretrain_objectives`` and ``dmp.mim_target``
+    (``hog`` / ``pixel`` / ``momentum``, or ``none`` when MIM is off)."""
+    resolved = cfg.objective.resolve()
+    active = ",".join(resolved.active)
+    return {
+        "dmp.objectives": ",".join(FINETUNE_OBJECTIVES) if stage == "finetune" else active,
+        "dmp.pretrain_objectives": active,
+        "dmp.mim_target": resolved.mim_target if resolved.mim else "none",
+    }
+
+
+def run_name(stage: str) -> str:
+    """``<DVC experiment name or 'workspace'>/<stage>``, e.g. ``mamo-default/pretrain``."""
+    return f"{os.environ.get('DVC_EXP_NAME') or 'workspace'}/{stage}"
+
+
+def close_orphan_run(run_json_path: str | Path, cfg: Config) -> Optional[str]:
+    """End the MLflow run of a stage killed before its first checkpoint.
+
+    Call it when a stage starts fresh (no resumable checkpoint). When ``run_json_path``
+    (a ``run.json`` written when that earlier run started) names a run that MLflow still
+    shows as RUNNING, nothing will ever end it: it is marked KILLED, and a one-line
+    message for the log is returned. Otherwise (no file, no such run, already ended,
+    store unreachable) returns None: a bookkeeping problem must not stop training."""
+    info = read_run_json(run_json_path) or {}
+    run_id = info.get("run_id")
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = info.get("tracking_uri") or resolve_tracking_uri(cfg.tracking)
+    try:
+        client = MlflowClient(uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_terminated(run_id, status="KILLED")
+    except (MlflowException, OSError):
+        return None
+    return f"previous run {run_id} was killed before its first checkpoint: marked KILLED; starting from step 0"
+
+
 # ---------------------------------------------------------------- the run
 class NullTracker:
     """What ranks other than 0 (and runs without tracking) get: every call does nothing."""
@@ -165,6 +245,7 @@ class Tracker(NullTracker):
             "dmp.variant": cfg.objective.variant,
             "dmp.model_preset": cfg.model.preset,
             "dmp.data": cfg.data.name,
+            **objective_tags(cfg, stage),
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
             "mlflow.source.git.commit": git_commit(cwd) or "",
@@ -177,20 +258,17 @@ class Tracker(NullTracker):
                     resumed = True
             except MlflowException:
                 resumed = False
-        name = f"{stage}-{cfg.objective.variant}"
-        if os.environ.get("DVC_EXP_NAME"):
-            name += f"-{os.environ['DVC_EXP_NAME']}"
         self.run = mlflow.start_run(
             run_id=run_id if resumed else None,
             experiment_id=None if resumed else self.experiment_id,
-            run_name=None if resumed else name,
+            run_name=None if resumed else run_name(stage),
             log_system_metrics=cfg.tracking.system_metrics,
         )
         self.run_id = self.run.info.run_id
         self.resumed = resumed
         mlflow.set_tags({k: v for k, v in tags.items() if v})
         if not resumed:  # params are write-once per run
-            mlflow.log_params({k: ("" if v is None else str(v)[:6000]) for k, v in flatten(cfg).items()})
+            mlflow.log_params(mlflow_params(cfg))
             mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/params.yaml")
 
     def _experiment(self, name: str) -> str:

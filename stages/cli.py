@@ -1,5 +1,6 @@
-"""The ``dmp`` command: one subcommand per pipeline stage, plus ``bench``, ``model``
-and ``study`` groups. Each stage module exposes ``register(app)``."""
+"""The ``dmp`` command: one subcommand per pipeline stage (``check`` first), plus the
+``bench``, ``model``, ``params`` and ``study`` groups and ``pipeline``. Each module
+exposes ``register(app)``."""
 from __future__ import annotations
 
 import importlib
@@ -15,6 +16,7 @@ app = typer.Typer(
 
 # Order = pipeline order; each module registers its own command(s).
 STAGE_MODULES = [
+    "stages.check",
     "stages.download",
     "stages.preprocess",
     "stages.targets",
@@ -26,12 +28,13 @@ STAGE_MODULES = [
     "stages.bench",
     "stages.study",
     "stages.pipeline",
+    "stages.params_doc",
 ]
 
 
 @app.callback()
 def _root() -> None:
-    """dmp: download -> preprocess -> targets -> pretrain -> finetune -> evaluate -> report."""
+    """dmp: check -> download -> preprocess -> targets -> pretrain -> finetune -> evaluate -> report."""
 
 
 for _name in STAGE_MODULES:

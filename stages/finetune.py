@@ -21,7 +21,7 @@ def finetune_cmd(
     reports: ReportsOpt = Path("reports"),
 ) -> None:
     """Finetune for retrieval (resumes from models/finetune/checkpoints when present)."""
-    from dmp_core.train import run_training
+    from dmp_core.training.loop import run_training
 
     cfg = load(params)
     metrics = run_training(cfg, "finetune", prepared_dir=prepared, targets_dir=None,

@@ -1,7 +1,8 @@
 """``dmp preprocess``: raw Karpathy-layout data -> ``data/prepared/<split>/`` arrays
 (images.npy, captions.parquet, tokens.npy, attention_mask.npy, images.json) and
 ``data/prepared/meta.json``; skipped items are listed in
-``reports/preprocess/summary.json``."""
+``reports/preprocess/summary.json``. The raw folder is ``<data.root>/<data.name>``, with a
+relative ``data.root`` resolved as the download stage resolves it (docs/DATA.md)."""
 from __future__ import annotations
 
 import time
@@ -16,7 +17,7 @@ from stages._common import ParamsOpt, echo, guarded, load
 @guarded
 def preprocess_cmd(
     params: ParamsOpt = Path("params.yaml"),
-    raw: Annotated[Optional[Path], typer.Option(help="raw dataset folder (default <data.root>/<data.name>)")] = None,
+    raw: Annotated[Optional[Path], typer.Option(help="raw dataset folder (default <data.root>/<data.name>, resolved)")] = None,
     out: Annotated[Path, typer.Option(help="prepared data folder")] = Path("data/prepared"),
     reports: Annotated[Path, typer.Option(help="folder for summary.json")] = Path("reports/preprocess"),
     workers: Annotated[Optional[int], typer.Option(help="decoding threads (default: CPU count, at most 8)")] = None,

@@ -35,7 +35,7 @@ def pretrain_cmd(
     reports: ReportsOpt = Path("reports"),
 ) -> None:
     """Pretrain (resumes from models/pretrain/checkpoints when present)."""
-    from dmp_core.train import run_training
+    from dmp_core.training.loop import run_training
 
     cfg = load(params)
     metrics = run_training(cfg, "pretrain", prepared_dir=prepared, targets_dir=targets,

@@ -27,10 +27,10 @@ TINY = {
         "synthetic": {"n_train": 48, "n_val": 16, "n_test": 16, "captions_per_image": 2},
     },
     "targets": {"patch": 8, "hog": {"cell": 4}},
-    "model": {"preset": "tiny"},
+    "model": {"preset": "tiny", "patch_size": 8},
     "objective": {"vicreg_coeffs": {"expander_dim": 64}},
-    "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
-    "finetune": {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
+    "pretrain": {"steps": 6, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
+    "finetune": {"steps": 6, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
     "eval": {"k_test": 8, "batch_size": 16, "itm_batch_size": 32},
     "tracking": {"system_metrics": False},
 }

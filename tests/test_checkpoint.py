@@ -18,9 +18,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from dmp_core.checkpoint import Checkpointer, make_fingerprint, run_params
+from dmp_core.training.checkpoint import Checkpointer, make_fingerprint, run_params
 from dmp_core.errors import CheckpointError
-from dmp_core.train import MACHINE_METRICS, run_training
+from dmp_core.training.loop import MACHINE_METRICS, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_roundtrip_and_only_the_last_step_kept(tmp_path):
     (dict(model__preset="minilm"), "preset="),
     (dict(model__embed_dim=64), "model.embed_dim="),
     (dict(objective__vicreg_coeffs__expander_dim=32), "objective.vicreg_coeffs.expander_dim="),
-    (dict(pretrain__lr=1e-3), "pretrain.lr="),
+    (dict(pretrain__lr=2e-3), "pretrain.lr="),
 ])
 def test_unfinished_mismatched_checkpoint_is_refused(tmp_path, change, key):
     _save(_checkpointer(tmp_path), torch.nn.Linear(3, 2))
@@ -134,7 +134,8 @@ def test_sigkilled_run_resumes_to_the_same_result(tiny_data, tmp_path, store):
     """2 epochs x 6 steps, checkpoint every 2, val every 5 (mid-epoch), one persistent data
     worker (as in params.yaml); SIGKILL once a checkpoint exists, delete the non-persistent
     outputs (as DVC does), run again."""
-    cfg = tiny_config(pretrain__epochs=2, pretrain__batch_size=16, pretrain__checkpoint_every=2,
+    cfg = tiny_config(pretrain__steps=None, pretrain__epochs=2, pretrain__captions="all", pretrain__batch_size=16,
+                      pretrain__checkpoint_every=2,
                       pretrain__val_every=5, pretrain__log_every=50, pretrain__num_workers=1)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed.mkdir(), clean.mkdir()
@@ -193,7 +194,7 @@ def test_sigkilled_run_resumes_to_the_same_result(tiny_data, tmp_path, store):
 def test_rerunning_a_finished_run_rewrites_outputs_without_training(tiny_data, tmp_path, store):
     from mlflow import MlflowClient
 
-    cfg = tiny_config(tracking__uri=store, tracking__experiment="rerun", pretrain__max_steps=2)
+    cfg = tiny_config(tracking__uri=store, tracking__experiment="rerun", pretrain__steps=2)
     kw = dict(prepared_dir=tiny_data["prepared"], targets_dir=tiny_data["targets"],
               out_dir=tmp_path / "models", reports_dir=tmp_path / "reports")
     first = run_training(cfg, "pretrain", **kw)
@@ -212,6 +213,6 @@ def test_rerunning_a_finished_run_rewrites_outputs_without_training(tiny_data, t
     assert len(client.search_runs([exp.experiment_id])) == 1  # no second MLflow run
 
     # other params over the finished run: trained afresh (new run), no refusal
-    cfg2 = tiny_config(tracking__uri=store, tracking__experiment="rerun", pretrain__max_steps=3)
+    cfg2 = tiny_config(tracking__uri=store, tracking__experiment="rerun", pretrain__steps=3)
     assert run_training(cfg2, "pretrain", **kw)["steps"] == 3
     assert len(client.search_runs([exp.experiment_id])) == 2

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import tiny_config
-from dmp_core.data.dataset import PairDataset
+from dmp_core.training.dataset import PairDataset
 from dmp_core.data.download import run_download
 from dmp_core.data.preprocess import run_preprocess
 from dmp_core.errors import DataError

@@ -87,7 +87,7 @@ def test_gathered_itc_and_vicreg_equal_single_process_on_concatenated_batch(tmp_
 def _itm_worker(rank: int, port: int, out_dir: str) -> None:
     """Each rank's local batch shows ONE image (ids all equal): within the local batch no
     ITM negative exists; from the gathered batch every row has negatives on the other rank."""
-    from dmp_core.meta_arch import create_pretrainer
+    from dmp_core.training.meta_arch import create_pretrainer
     from dmp_core.models import create_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -132,7 +132,7 @@ def test_two_process_pretrain_with_torchrun_writes_one_mlflow_run(tiny_data, tmp
     from mlflow import MlflowClient
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = tiny_config(tracking__uri=store, tracking__experiment="ddp", pretrain__max_steps=3,
+    cfg = tiny_config(tracking__uri=store, tracking__experiment="ddp", pretrain__steps=3,
                       pretrain__checkpoint_every=2)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

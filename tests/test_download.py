@@ -193,9 +193,12 @@ def test_cli_download_and_preprocess(tmp_path):
     for cmd in ("download", "preprocess"):
         assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
     params = _params(tmp_path)
-    res = runner.invoke(app, ["download", "--params", str(params)])
+    manifest = tmp_path / "manifest.json"
+    res = runner.invoke(app, ["download", "--params", str(params), "--manifest", str(manifest),
+                              "--cache", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output
     assert "download: synthetic" in res.output and "train 48 images/96 captions" in res.output
+    assert "manifest" in res.output and json.loads(manifest.read_text())["counts"]["files"] == 80
     res = runner.invoke(app, ["preprocess", "--params", str(params), "--out", str(tmp_path / "prep"),
                               "--reports", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
@@ -209,3 +212,172 @@ def test_cli_error_is_one_line(tmp_path):
     assert res.exit_code == 1
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("dmp download: error: flickr8k data missing")
+
+
+# ---------------------------------------------------------------- data.root and names
+def test_relative_root_resolution(tmp_path, monkeypatch):
+    """Relative roots: synthetic -> the working directory; a real set -> the real project
+    root, also from inside a DVC experiment's temporary copy."""
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    real = tiny_config(data__name="tinyset", data__root="data/raw")
+    synth = tiny_config(data__root="data/raw")
+    assert dl.dataset_dir(real, cwd=copy) == (tmp_path / "proj").resolve() / "data/raw/tinyset"
+    assert dl.default_cache_dir(real, cwd=copy) == (tmp_path / "proj").resolve() / "data/cache"
+    assert dl.dataset_dir(synth, cwd=copy) == copy.resolve() / "data/raw/synthetic"
+    absolute = tiny_config(data__name="tinyset", data__root=str(tmp_path / "elsewhere"))
+    assert dl.dataset_dir(absolute, cwd=copy) == tmp_path / "elsewhere" / "tinyset"
+    monkeypatch.setenv("DVC_ROOT", str(copy))  # what DVC sets in a queued run (mapped back too)
+    assert dl.resolve_root(real) == (tmp_path / "proj").resolve() / "data/raw"
+
+
+def test_own_dataset_name_must_be_in_place(tmp_path):
+    cfg = tiny_config(data__name="my.set-1", data__root=str(tmp_path))
+    with pytest.raises(DataError) as exc:
+        run_download(cfg)  # no download source: one line naming both paths, no network
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert str(tmp_path / "my.set-1" / "dataset_my.set-1.json") in msg and str(tmp_path / "my.set-1" / "images") in msg
+    _write_pngs(tmp_path / "my.set-1", "my.set-1", n=4)
+    assert validate_dataset(run_download(cfg), "my.set-1")["splits"]["test"] == {"images": 1, "captions": 5}
+
+
+def test_bad_dataset_name_is_refused():
+    from dmp_core.config import ParamsError
+
+    with pytest.raises(ParamsError, match="data.name"):
+        tiny_config(data__name="../escape")
+
+
+# ------------------------------------------------------------------------ manifest
+def _png(colour, size=8) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_pngs(ds, name, n=4, subdir=""):
+    """A Karpathy-format set of ``n`` PNGs (5 captions each; the last image is test, the
+    one before it val); ``subdir`` is written as each entry's COCO-style ``filepath``."""
+    img_dir = ds / "images" / subdir
+    img_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k in range(n):
+        (img_dir / f"im{k}.png").write_bytes(_png((10 * k, 100, 200)))
+        entry = {"filename": f"im{k}.png", "split": "test" if k == n - 1 else "val" if k == n - 2 else "train",
+                 "sentences": [{"raw": f"caption {j} of image {k}"} for j in range(5)]}
+        if subdir:
+            entry["filepath"] = subdir
+        entries.append(entry)
+    (ds / f"dataset_{name}.json").write_text(json.dumps({"images": entries}))
+    return ds
+
+
+@pytest.fixture
+def no_racy_window(monkeypatch):
+    """Cache files however recently they changed (the files of a test are seconds old)."""
+    from dmp_core.data import manifest as mf
+
+    monkeypatch.setattr(mf, "_RACY_NS", 0)
+
+
+def test_manifest_is_deterministic_relative_and_cached(tmp_path, monkeypatch, no_racy_window):
+    from dmp_core.data import manifest as mf
+
+    ds = _write_pngs(tmp_path / "data" / "tinyset", "tinyset", subdir="train2014")
+    before = sorted(p.relative_to(ds) for p in ds.rglob("*"))
+    first = mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache")
+    assert first["_stats"] == {"hashed": 5, "reused": 0}  # 4 images + the split file
+    text = mf.manifest_text(first)
+    assert str(tmp_path) not in text and "mtime" not in text
+    doc = json.loads(text)
+    assert [f["path"] for f in doc["files"]] == [f"images/train2014/im{k}.png" for k in range(4)]
+    assert doc["files"][0] == {"path": "images/train2014/im0.png", "bytes": len(_png((0, 100, 200))),
+                               "md5": hashlib.md5(_png((0, 100, 200))).hexdigest()}
+    assert doc["split_file"]["path"] == "dataset_tinyset.json" and doc["splits"]["train"] == {"images": 2, "captions": 10}
+    assert sorted(p.relative_to(ds) for p in ds.rglob("*")) == before  # nothing written into the dataset
+
+    calls = []
+    real_md5 = mf.file_md5
+    monkeypatch.setattr(mf, "file_md5", lambda p: calls.append(p.name) or real_md5(p))
+    again = mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache")
+    assert mf.manifest_text(again) == text and calls == []  # unchanged stat: nothing re-read
+    assert again["_stats"] == {"hashed": 0, "reused": 5}
+    for cache_file in (tmp_path / "cache").iterdir():  # a damaged cache only costs time
+        cache_file.write_text('{"format": 1, "files": [')
+    calls.clear()
+    assert mf.manifest_text(mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache")) == text
+    assert len(calls) == 5
+
+    # the same files elsewhere (another copy, another cache): the same manifest
+    import shutil
+
+    shutil.copytree(ds, tmp_path / "copy" / "tinyset")
+    assert mf.manifest_text(mf.build_manifest(tmp_path / "copy" / "tinyset", "tinyset")) == text
+
+
+def test_manifest_sees_a_replaced_image_even_with_the_same_size_and_mtime(tmp_path, no_racy_window):
+    import os
+
+    from dmp_core.data import manifest as mf
+
+    ds = _write_pngs(tmp_path / "tinyset", "tinyset")
+    text = mf.manifest_text(mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache"))
+    target = ds / "images" / "im1.png"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # even the mtime restored (rsync -t, cp -p)
+    changed = mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache")
+    assert changed["_stats"]["hashed"] == 1
+    new = mf.manifest_text(changed)
+    assert new != text
+    diff = [ln for ln in new.splitlines() if ln not in text.splitlines()]
+    assert len(diff) == 1 and "images/im1.png" in diff[0]
+    # a caption edit changes the split file's checksum
+    doc = json.loads((ds / "dataset_tinyset.json").read_text())
+    doc["images"][0]["sentences"][0]["raw"] = "an edited caption"
+    (ds / "dataset_tinyset.json").write_text(json.dumps(doc))
+    assert mf.manifest_text(mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache")) != new
+
+
+def test_files_changed_just_before_hashing_are_not_cached(tmp_path):
+    """A file could change again within the same timestamp tick: recent ones are re-read."""
+    from dmp_core.data import manifest as mf
+
+    ds = _write_pngs(tmp_path / "tinyset", "tinyset")
+    mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache")
+    assert mf.build_manifest(ds, "tinyset", cache_dir=tmp_path / "cache")["_stats"] == {"hashed": 5, "reused": 0}
+
+
+def test_manifest_missing_files_follow_on_bad_item(tmp_path):
+    from dmp_core.data import manifest as mf
+
+    ds = _write_pngs(tmp_path / "tinyset", "tinyset")
+    (ds / "images" / "im2.png").unlink()
+    with pytest.raises(DataError) as exc:
+        mf.build_manifest(ds, "tinyset")
+    msg = str(exc.value)
+    assert "\n" not in msg and str(ds / "images" / "im2.png") in msg and "images[2]" in msg
+    man = mf.build_manifest(ds, "tinyset", on_bad_item="skip")
+    assert man["missing"] == [{"path": "images/im2.png", "item": "images[2]"}]
+    assert man["counts"]["missing"] == 1 and man["counts"]["files"] == 3
+
+
+def test_download_stage_writes_the_manifest(tmp_path):
+    """The whole stage on a user-named set outside any project: manifest written, cache in
+    the given folder, the set untouched; a second run gives the same bytes."""
+    ds = _write_pngs(tmp_path / "shared" / "tinyset", "tinyset")
+    cfg = tiny_config(data__name="tinyset", data__root=str(tmp_path / "shared"))
+    root, report, man = dl.download_with_manifest(cfg, tmp_path / "proj" / "data" / "manifest.json",
+                                                  cache_dir=tmp_path / "proj" / "data" / "cache")
+    assert root == ds and report["missing_files"] == 0 and man["counts"]["files"] == 4
+    first = (tmp_path / "proj" / "data" / "manifest.json").read_bytes()
+    assert list((tmp_path / "proj" / "data" / "cache").glob("hashes-tinyset-*.json"))
+    dl.download_with_manifest(cfg, tmp_path / "proj" / "data" / "manifest.json",
+                              cache_dir=tmp_path / "proj" / "data" / "cache")
+    assert (tmp_path / "proj" / "data" / "manifest.json").read_bytes() == first

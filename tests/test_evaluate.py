@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_config
 from dmp_core.errors import CheckpointError, DataError
-from dmp_core.evaluate import (
+from dmp_core.evaluation.retrieval import (
     NOT_RERANKED,
     RetrievalSplit,
     compute_scores,
@@ -93,12 +93,12 @@ def test_retrieval_metrics_rejects_bad_shapes() -> None:
 # ------------------------------------------------------------ the real tiny model
 def _model(seed: int, prepared: Path):
     """The real tiny DMPModel, randomly initialised with ``seed``."""
-    from dmp_core.models import create_model
+    from dmp_core.models import model_from_config
 
     torch.manual_seed(seed)
     cfg = tiny_config(model__pretrained=False)
     meta = json.loads((prepared / "meta.json").read_text())
-    return create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=meta["vocab_size"]).eval()
+    return model_from_config(cfg, meta["vocab_size"]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,10 @@ def test_rerank_keeps_top_k_and_chunking_changes_nothing(split, model_and_exhaus
     for query in range(split.n_images):  # loops: an independent check of the top-k rule
         kept = [t for t in range(split.n_texts) if one["i2t"][query, t] != NOT_RERANKED]
         assert len(kept) == k
-        best_itc = sorted(range(split.n_texts), key=lambda t: -one["itc_i2t"][query, t])[:k]
-        assert sorted(kept) == sorted(best_itc)
+        ranked = sorted(range(split.n_texts), key=lambda t: -one["itc_i2t"][query, t])
+        kth = one["itc_i2t"][query, ranked[k - 1]]  # ties at the k-th score (duplicate captions) may go either way
+        assert all(one["itc_i2t"][query, t] >= kth for t in kept)
+        assert set(ranked[:k]) - set(kept) <= {t for t in ranked if one["itc_i2t"][query, t] == kth}
         for t in kept:
             assert one["i2t"][query, t] == pytest.approx(full[query, t], abs=1e-5)
     assert ((one["t2i"] != NOT_RERANKED).sum(axis=1) == k).all()
@@ -148,28 +150,54 @@ def _save_weights(model, path: Path) -> Path:
 
 
 def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path, capsys) -> None:
+    from dmp_core.stats import chance_recall, recalls_from_ranks
+
     cfg = tiny_config(eval__k_test=6)
     models = {
         "pretrain": _save_weights(_model(1, tiny_data["prepared"]), tmp_path / "models/pretrain/model.safetensors"),
         "finetune": _save_weights(_model(2, tiny_data["prepared"]), tmp_path / "models/finetune/model.safetensors"),
     }
     reports = tmp_path / "reports"
-    metrics = run_evaluate(cfg, tiny_data["prepared"], models, reports, device="cpu")
+    details = run_evaluate(cfg, tiny_data["prepared"], models, reports, device="cpu")
     assert "run.json absent" in capsys.readouterr().out  # no training runs: MLflow skipped, said once per model
 
-    on_disk = json.loads((reports / "evaluate/metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(metrics))
-    assert {"itm_ir_r1", "itm_tr_r10", "itm_rsum", "itc_r_mean"} <= set(on_disk["finetune"])
-
+    on_disk = json.loads((reports / "evaluate/details.json").read_text())
+    assert on_disk == json.loads(json.dumps(details))
+    assert on_disk["split"] == {"dataset": "synthetic", "name": "test", "image_size": 32,
+                                "images": split.n_images, "texts": split.n_texts}
+    assert on_disk["chance"] == pytest.approx(chance_recall(split.txt2img))
     npz = np.load(reports / "evaluate/scores.npz")
+    ranks = np.load(reports / "evaluate/ranks.npz")
     assert npz["i2t"].shape == (split.n_images, split.n_texts) and npz["t2i"].shape == (split.n_texts, split.n_images)
     np.testing.assert_array_equal(npz["txt2img"], split.txt2img)
+    np.testing.assert_array_equal(ranks["txt2img"], split.txt2img)
     np.testing.assert_array_equal(npz["i2t"], npz["finetune_i2t"])
     txt2img = npz["txt2img"].tolist()
     for name in ("pretrain", "finetune"):
-        assert_metrics_equal(on_disk[name], brute_force_recall(npz[f"{name}_i2t"], npz[f"{name}_t2i"], txt2img), "itm_")
-        assert_metrics_equal(on_disk[name], brute_force_recall(npz[f"{name}_itc_i2t"], npz[f"{name}_itc_t2i"], txt2img), "itc_")
-    assert on_disk["pretrain"] != on_disk["finetune"]  # two different models really were evaluated
+        for scorer, prefix in (("itm", ""), ("itc", "itc_")):
+            reference = brute_force_recall(npz[f"{name}_{prefix}i2t"], npz[f"{name}_{prefix}t2i"], txt2img)
+            got = on_disk["models"][name][scorer]
+            for key, value in reference.items():
+                assert got[key] == pytest.approx(value), (name, scorer, key)
+            from_ranks = recalls_from_ranks(ranks[f"{name}_{scorer}_tr"], ranks[f"{name}_{scorer}_ir"])
+            for key in ("tr_r1", "ir_r5", "r_mean"):
+                assert from_ranks[key] == pytest.approx(got[key])
+        diag = on_disk["models"][name]["diagnostics"]
+        assert 0.0 <= diag["itm_auc"] <= 1.0 and diag["n_auc_queries"] == split.n_images
+        assert diag["image_use_gap"] == pytest.approx(diag["mlm_loss_shuffled"] - diag["mlm_loss_matched"])
+        assert diag["text_use_gap"] == pytest.approx(diag["mim_loss_shuffled"] - diag["mim_loss_matched"])
+    assert on_disk["models"]["pretrain"] != on_disk["models"]["finetune"]  # two models really were evaluated
+    # metrics.json: the headline subset, the same numbers
+    headline = json.loads((reports / "evaluate/metrics.json").read_text())
+    ft = on_disk["models"]["finetune"]
+    assert headline["finetune"] == {**{k: ft["itm"][k] for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5",
+                                                                   "ir_r10", "r_mean")},
+                                    "itc_r_mean": ft["itc"]["r_mean"]}
+    assert headline["pretrain"] == {"itc_r_mean": on_disk["models"]["pretrain"]["itc"]["r_mean"]}
+    assert headline["diagnostics"] == {
+        "finetune_itm_auc": ft["diagnostics"]["itm_auc"],
+        "pretrain_image_use_gap": on_disk["models"]["pretrain"]["diagnostics"]["image_use_gap"],
+        "pretrain_text_use_gap": on_disk["models"]["pretrain"]["diagnostics"]["text_use_gap"]}
 
 
 def test_run_evaluate_logs_to_the_training_runs(tiny_data, tmp_path, capsys) -> None:
@@ -182,9 +210,11 @@ def test_run_evaluate_logs_to_the_training_runs(tiny_data, tmp_path, capsys) -> 
     (reports / "finetune").mkdir(parents=True)
     (reports / "finetune/run.json").write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
     weights = _save_weights(_model(0, tiny_data["prepared"]), tmp_path / "m.safetensors")
-    metrics = run_evaluate(tiny_config(), tiny_data["prepared"], {"finetune": weights}, reports, device="cpu")
+    details = run_evaluate(tiny_config(), tiny_data["prepared"], {"finetune": weights}, reports, device="cpu")
     logged = client.get_run(run.info.run_id).data.metrics
-    assert logged["test_itm_ir_r1"] == pytest.approx(metrics["finetune"]["itm_ir_r1"])
+    entry = details["models"]["finetune"]
+    assert logged["test_itm_ir_r1"] == pytest.approx(entry["itm"]["ir_r1"])
+    assert logged["test_diag_itm_auc"] == pytest.approx(entry["diagnostics"]["itm_auc"])
     assert f"to run {run.info.run_id}" in capsys.readouterr().out
 
 

@@ -92,6 +92,20 @@ def test_itc_with_duplicate_image_ids():
     assert float(distinct) != pytest.approx(want, rel=1e-3)
 
 
+def test_itc_identical_captions_of_different_images_are_positives():
+    """Two images whose drawn captions are token-identical: the pair (image 0, text 1) is as
+    true as (image 0, text 0), so it is a positive, like a caption of the same image."""
+    g = torch.Generator().manual_seed(4)
+    img = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    texts = torch.tensor([[101, 7, 8, 102], [101, 7, 8, 102], [101, 9, 102, 0], [101, 5, 102, 0], [101, 9, 8, 102]])
+    got = itc_loss(img, txt, torch.arange(5), 0.1, texts=texts)
+    # the reference: images 0 and 1 as one "image id" for the positive sets
+    want = _itc_reference(img.tolist(), txt.tolist(), [0, 0, 2, 3, 4], 0.1)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert float(itc_loss(img, txt, torch.arange(5), 0.1)) != pytest.approx(want, rel=1e-3)
+
+
 # ------------------------------------------------------------------------------ ITM
 def test_itm_negatives_never_share_the_image():
     g = torch.Generator().manual_seed(3)
@@ -102,6 +116,22 @@ def test_itm_negatives_never_share_the_image():
         assert (ids[neg_t] != ids).all() and (ids[neg_i] != ids).all()
     neg_t, neg_i = sample_negatives(None, ids, generator=g)  # uniform
     assert (ids[neg_t] != ids).all() and (ids[neg_i] != ids).all()
+
+
+def test_itm_negatives_never_carry_the_anchor_caption():
+    """A text identical to the row's caption is not a negative for that row's image, and an
+    image whose caption is identical to a text is not a negative for that text."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.arange(6)
+    texts = torch.tensor([[101, 7, 102], [101, 7, 102], [101, 8, 102], [101, 9, 102], [101, 7, 102], [101, 8, 102]])
+    same_text = (texts[:, None] == texts[None]).all(-1)
+    for _ in range(50):
+        sim = torch.randn(6, 6, generator=g) * 20
+        sim[same_text] = 50.0  # identical captions are what ITC ranks first
+        neg_t, neg_i = sample_negatives(sim, ids, texts=texts, generator=g)
+        assert not same_text[ids, neg_t].any() and not same_text[ids, neg_i].any()
+    neg_t, _ = sample_negatives(sim, ids, generator=g)  # without texts: only the image id counts
+    assert same_text[ids, neg_t].any()
 
 
 def test_itm_rows_with_vanishing_or_no_allowed_entries():
@@ -197,7 +227,6 @@ def test_mrm_targets_are_normalised_detached_and_masked():
     ({"objective__itc": False, "objective__itm_negatives": "itc"}, "no negative source"),
     ({"objective__mim": False, "objective__mlm": False, "objective__itc": False, "objective__itm": False,
       "objective__vicreg": False, "objective__variant": "denoising"}, "every objective is switched off"),
-    ({"objective__itc_queue_size": 16}, "not implemented"),
 ])
 def test_impossible_combinations_fail_at_load(overrides, message):
     with pytest.raises(ParamsError, match=message) as info:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dmp_core.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
+from dmp_core.training.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text, stochastic_count
 
 SPECIAL = SpecialTokens()
 
@@ -61,7 +61,8 @@ def test_text_mask_never_touches_special_tokens(ratio):
             real = [p for p in range(ids.shape[1]) if attn[b, p] and ids[b, p] not in (101, 102, 0)]
             chosen = [p for p in range(ids.shape[1]) if labels[b, p] != IGNORE_INDEX]
             assert set(chosen) <= set(real)
-            assert len(chosen) == (max(1, round(ratio * len(real))) if real else 0)
+            expected = ratio * len(real)  # stochastic rounding: floor or ceil, at least one
+            assert (len(chosen) in {max(1, math.floor(expected)), max(1, math.ceil(expected))}) if real else not chosen
             for p in range(ids.shape[1]):
                 if p in chosen:
                     assert labels[b, p] == ids[b, p] and masked[b, p] == SPECIAL.mask
@@ -87,3 +88,33 @@ def test_special_tokens_from_meta():
     st = SpecialTokens.from_meta({"pad_id": 1, "cls_id": 2, "sep_id": 3, "mask_id": 4})
     assert (st.pad, st.cls, st.sep, st.mask) == (1, 2, 3, 4)
     assert SpecialTokens.from_meta({"mask_token_id": 9}).mask == 9
+
+
+@pytest.mark.parametrize("n, ratio", [(6, 0.25), (6, 0.40), (7, 0.15), (13, 0.40), (20, 0.33)])
+def test_stochastic_rounding_has_the_expected_count(n, ratio):
+    """E[count] = ratio * n (when that is >= 1): 0.25 and 0.40 of a 6-token caption now mask
+    1.5 and 2.4 tokens on average, where round() gave 2 for both."""
+    draws = 20000
+    counts = stochastic_count(torch.full((draws,), n), ratio, generator=torch.Generator().manual_seed(0)).float()
+    expected = ratio * n
+    assert set(counts.unique().tolist()) <= {math.floor(expected), math.ceil(expected)}
+    stderr = float(counts.std()) / math.sqrt(draws) + 1e-9
+    assert abs(float(counts.mean()) - expected) < 4 * stderr + 1e-6
+
+
+def test_stochastic_count_floor_of_one_and_empty_rows():
+    counts = stochastic_count(torch.tensor([0, 1, 2, 3]), 0.1, generator=torch.Generator().manual_seed(0))
+    assert counts.tolist() == [0, 1, 1, 1]
+    assert stochastic_count(torch.tensor([4]), 0.999).tolist() in ([3], [4])
+
+
+def test_ratio_ablation_differs_on_short_captions():
+    """The mean number of masked tokens differs between 0.25 and 0.40 on 6-token captions."""
+    ids = torch.tensor([[101] + list(range(2000, 2006)) + [102]] * 4000)
+    attn = torch.ones_like(ids)
+    means = []
+    for ratio in (0.25, 0.40):
+        _, labels = mask_text(ids, attn, ratio, special=SPECIAL, vocab_size=30522,
+                              generator=torch.Generator().manual_seed(1))
+        means.append(float((labels != IGNORE_INDEX).sum(dim=1).float().mean()))
+    assert means[0] == pytest.approx(1.5, abs=0.05) and means[1] == pytest.approx(2.4, abs=0.05)

@@ -9,8 +9,8 @@ import torch
 
 from conftest import tiny_config
 from dmp_core.config import ParamsError
-from dmp_core.meta_arch import create_pretrainer
-from dmp_core.models import create_model, load_preset
+from dmp_core.training.meta_arch import create_pretrainer
+from dmp_core.models import create_model, load_preset, mim_dim_for
 from dmp_core.targets import hog
 
 VOCAB = 1000
@@ -38,7 +38,8 @@ def micro_spec(width: int = 32) -> dict:
 
 def build(cfg, stage="pretrain", width=32):
     torch.manual_seed(0)
-    model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=VOCAB, spec=micro_spec(width))
+    model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=VOCAB, spec=micro_spec(width),
+                         mim_dim=lambda image_width: mim_dim_for(cfg, image_width))
     return create_pretrainer(cfg, stage, model, meta={"pad_token_id": 0, "cls_token_id": 101,
                                                        "sep_token_id": 102, "mask_token_id": 103})
 
@@ -105,7 +106,7 @@ def test_finetune_is_itc_plus_itm_without_ema():
 
 
 def test_ema_gets_no_gradient_and_follows_the_model():
-    pretrainer = build(tiny_config(objective__variant="mamo")).train()
+    pretrainer = build(tiny_config(objective__variant="mamo", objective__ema_warmup=False)).train()
     ema = pretrainer.ema.module
     assert not ema.training and all(not p.requires_grad for p in ema.parameters())
     before = copy.deepcopy(ema.state_dict())
@@ -116,17 +117,44 @@ def test_ema_gets_no_gradient_and_follows_the_model():
     with torch.no_grad():
         for p in pretrainer.model.parameters():
             p.add_(1.0)
-    pretrainer.update_ema()
+    assert pretrainer.update_ema(7) == 0.995  # no warm-up: the fixed decay
     alpha = 0.995
     for (name, p), q in zip(pretrainer.model.named_parameters(), ema.parameters()):
         assert torch.allclose(q, alpha * before[name] + (1 - alpha) * p, atol=1e-6), name
+
+
+def test_ema_warmup_schedule():
+    """k-th update: decay min(alpha, 1 - k^-power), the first a copy; after 100 updates the
+    warm-up teacher keeps a negligible share of its random initial weights, a fixed 0.995
+    teacher keeps 0.995^100 = 61%."""
+    power, alpha = 0.75, 0.995
+    pretrainer = build(tiny_config(objective__variant="mamo", objective__ema_warmup_power=power,
+                                   objective__ema_alpha=alpha))
+    decays = [pretrainer.ema.get_decay(k) for k in range(1, 3001)]
+    assert decays[0] == 0.0
+    for k in (2, 10, 100, 1000):
+        assert decays[k - 1] == pytest.approx(min(alpha, 1 - k ** -power))
+    assert decays[2999] == alpha and all(a <= b for a, b in zip(decays, decays[1:]))
+    share = {"warmup": 1.0, "fixed": 1.0}
+    for k in range(1, 101):
+        share["warmup"] *= decays[k - 1]
+        share["fixed"] *= alpha
+    assert share["warmup"] < 1e-6 and share["fixed"] == pytest.approx(0.6058, abs=1e-3)
+    # the decay the Pretrainer reports is the one it applied
+    with torch.no_grad():
+        for p in pretrainer.model.parameters():
+            p.add_(1.0)
+    assert pretrainer.update_ema(1) == 0.0
+    for p, q in zip(pretrainer.model.parameters(), pretrainer.ema.module.parameters()):
+        assert torch.equal(p, q)  # the first update copies the model
+    assert pretrainer.update_ema(50) == pytest.approx(1 - 50 ** -power)
 
 
 def test_denoising_builds_no_ema():
     pretrainer = build(tiny_config())
     assert pretrainer.ema is None
     assert not any("ema" in name for name, _ in pretrainer.named_parameters())
-    pretrainer.update_ema()  # a no-op
+    assert pretrainer.update_ema(1) is None  # a no-op
 
 
 def test_mrm_target_does_not_pass_through_the_predictor():
@@ -149,7 +177,7 @@ def test_mim_target_counts_only_at_masked_patches():
     base = pretrainer(batch)["loss_mim"]
     # recover the mask the step used: perturbing one patch's target changes the loss iff it was masked
     torch.manual_seed(5)
-    from dmp_core.masking import image_block_mask
+    from dmp_core.training.masking import image_block_mask
 
     mask = image_block_mask(batch["image"].shape[0], pretrainer.model.grid_size, 0.75)
     moved = dict(batch, hog=batch["hog"].clone())
@@ -205,9 +233,25 @@ def test_deterministic_given_the_seed():
 
 
 def test_patch_size_must_match_targets():
-    cfg = tiny_config(targets__patch=16, targets__hog__cell=8)
     with pytest.raises(ParamsError, match="targets.patch=16"):
-        build(cfg)
+        tiny_config(targets__patch=16, targets__hog__cell=8)  # refused when params are loaded
+
+
+def test_vicreg_expander_follows_the_global_batch_and_logs_its_floor():
+    from dmp_core.training.meta_arch import vicreg_cov_floor
+
+    pretrainer = build(tiny_config(objective__vicreg_coeffs__expander_dim=None))
+    assert pretrainer.expander_dim == 8 and pretrainer.image_expander[-1].out_features == 8  # batch_size 8
+    assert pretrainer.cov_floor == vicreg_cov_floor(8, 8) == pytest.approx(2 * (8 / 7 - 1))
+    wide = build(tiny_config(objective__vicreg_coeffs__expander_dim=64))
+    out = wide(make_batch())
+    assert float(out["diag_vicreg_cov_floor"]) == pytest.approx(2 * (64 / 7 - 1))
+    # the floor is real: even a perfect whitening of 8 samples leaves that much covariance
+    from dmp_core.losses.vicreg import _covariance
+
+    z = torch.randn(8, 64)
+    z = (z - z.mean(0)) / z.std(0)
+    assert float(_covariance(z)) >= (64 / 7 - 1) - 1e-4
 
 
 @pytest.mark.parametrize("variant", ["denoising", "mamo"])
@@ -224,7 +268,7 @@ def test_overfit_one_batch(variant):
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
-        pretrainer.update_ema()
+        pretrainer.update_ema(len(history) + 1)
         history.append({k: float(v.detach()) for k, v in out.items() if k.startswith("loss")})
     for term in history[0]:
         first = sum(h[term] for h in history[:5]) / 5

@@ -21,6 +21,7 @@ VOCAB = 1000
 def micro_spec() -> dict:
     """The tiny preset shrunk further so tests run in milliseconds."""
     spec = copy.deepcopy(load_preset("tiny"))
+    spec["image"]["patch_size"] = 8  # 16 patches at 32 px
     spec["image"]["overrides"].update(embed_dim=32, depth=1, num_heads=2)
     spec["text"]["bert"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     spec["text"]["text_layers"] = 1
@@ -41,7 +42,7 @@ def _texts():
 
 def test_presets_build_offline():
     tiny = create_model(ModelParams(preset="tiny"), image_size=64, vocab_size=30522)
-    assert (tiny.patch_size, tiny.num_patches, tiny.image_dim, tiny.text_dim) == (8, 64, 128, 128)
+    assert (tiny.patch_size, tiny.num_patches, tiny.image_dim, tiny.text_dim) == (16, 16, 128, 128)
     assert len(tiny.text.layers) == 2 and len(tiny.fusion.layers) == 2
     minilm = create_model(ModelParams(preset="minilm"), image_size=64, vocab_size=30522)  # pretrained, offline
     assert minilm.text_dim == 384 and len(minilm.text.layers) == 3 and len(minilm.fusion.layers) == 3
@@ -65,7 +66,7 @@ def test_local_weights_are_loaded(tmp_path):
                                 intermediate_size=48), add_pooling_layer=False)
     bert.save_pretrained(tmp_path / "bert")
     vit = timm.create_model(spec["image"]["arch"], img_size=32, num_classes=0, global_pool="",
-                            **spec["image"]["overrides"])
+                            patch_size=spec["image"]["patch_size"], **spec["image"]["overrides"])
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
     params = ModelParams(preset="tiny", image_weights=str(tmp_path / "vit.safetensors"),
                          text_weights=str(tmp_path / "bert"))
@@ -87,9 +88,14 @@ def test_local_weights_are_loaded(tmp_path):
         create_model(params, image_size=32, vocab_size=VOCAB + 1, spec=spec)
 
 
-def test_coattn_is_a_one_line_params_error():
-    with pytest.raises(ParamsError, match="coattn is not implemented"):
-        create_model(ModelParams(fusion_type="coattn"), image_size=32, vocab_size=VOCAB)
+def test_removed_keys_are_unknown():
+    """Keys that existed only to be refused are gone: setting one is an unknown-key error."""
+    from dmp_core.config import config_from_dict
+
+    for section, key, value in (("model", "fusion_type", "coattn"), ("objective", "itc_queue_size", 16),
+                                ("objective", "itc_distill_alpha", 0.4)):
+        with pytest.raises(ParamsError, match=f"unknown key '{section}.{key}'"):
+            config_from_dict({section: {key: value}})
 
 
 def test_shapes_and_api(micro):
@@ -97,11 +103,107 @@ def test_shapes_and_api(micro):
     ids, attn = _texts()
     v, t = micro.encode_image(images), micro.encode_text(ids, attn)
     joint = micro.fuse(v, t, attn)
+    # default layout: [image CLS; 16 patches; 8 tokens], no fusion CLS
+    assert micro.layout.patch_start == 1 and micro.layout.text_start == 17
     assert v.shape == (2, 17, 32) and t.shape == (2, 8, 32) and joint.shape == (2, 1 + 16 + 8, 32)
     assert micro.itm_logits(joint).shape == (2, 2)
     img_emb, txt_emb = micro.image_embed(v), micro.text_embed(t)
     assert torch.allclose(img_emb.norm(dim=-1), torch.ones(2)) and txt_emb.shape == (2, 16)
-    assert micro.mlm_logits(joint[:, 17:]).shape == (2, 8, VOCAB)
+    assert micro.mlm_logits(micro.layout.tokens(joint)).shape == (2, 8, VOCAB)
+
+
+@pytest.mark.parametrize("state, image_cls, length, head_in", [
+    ("text_cls", True, 1 + 16 + 8, 32), ("text_cls", False, 16 + 8, 32),
+    ("fusion_cls", True, 2 + 16 + 8, 32), ("concat", False, 1 + 16 + 8, 64)])
+def test_itm_state_reads_the_named_fused_state(state, image_cls, length, head_in):
+    torch.manual_seed(0)
+    model = create_model(ModelParams(itm_state=state, fusion_image_cls=image_cls), image_size=32,
+                         vocab_size=VOCAB, spec=micro_spec()).eval()
+    images = model.preprocess(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    ids, attn = _texts()
+    joint = model.fuse(model.encode_image(images), model.encode_text(ids, attn), attn)
+    assert joint.shape[1] == length and model.itm_head[0].in_features == head_in  # the MLP head's first layer
+    text_cls = joint[:, model.layout.text_start]
+    expected = {"text_cls": text_cls, "fusion_cls": joint[:, 0],
+                "concat": torch.cat([joint[:, 0], text_cls], dim=-1)}[state]
+    assert torch.equal(model.pair_state(joint), expected)
+    assert model.layout.tokens(joint).shape[1] == ids.shape[1]
+    assert model.layout.patches(joint).shape[1] == model.num_patches
+
+
+def test_itm_head_options():
+    linear = create_model(ModelParams(itm_head="linear"), image_size=32, vocab_size=VOCAB, spec=micro_spec())
+    mlp = create_model(ModelParams(itm_head="mlp"), image_size=32, vocab_size=VOCAB, spec=micro_spec())
+    assert isinstance(linear.itm_head, torch.nn.Linear) and linear.itm_head.out_features == 2
+    assert [type(m).__name__ for m in mlp.itm_head] == ["Linear", "GELU", "Linear"] and mlp.itm_head[-1].out_features == 2
+
+
+def test_fused_text_cls_depends_on_the_text_and_the_image(micro):
+    """The default pair state carries content from both modalities at initialisation (the
+    fusion [CLS] query's first-layer attention could not depend on the text)."""
+    images = micro.preprocess(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    ids, attn = _texts()
+    v, t = micro.encode_image(images), micro.encode_text(ids, attn)
+    state = micro.pair_state(micro.fuse(v, t, attn))
+    swapped_image = micro.pair_state(micro.fuse(v.flip(0), t, attn))
+    other_text = micro.pair_state(micro.fuse(v, micro.encode_text(ids.flip(0), attn.flip(0)), attn.flip(0)))
+    assert (state - swapped_image).abs().max() > 1e-4 and (state - other_text).abs().max() > 1e-4
+
+
+def test_fresh_heads_get_bert_init():
+    torch.manual_seed(0)
+    spec = micro_spec()
+    spec["text"]["bert"]["hidden_size"] = spec["image"]["overrides"]["embed_dim"] = 256
+    spec["embed_dim"] = 256
+    model = create_model(ModelParams(itm_state="fusion_cls"), image_size=32, vocab_size=VOCAB, spec=spec, mim_dim=108)
+    for name in ("image_proj", "text_proj", "itm_head", "mim_head"):
+        layer = getattr(model, name)
+        layer = layer[0] if isinstance(layer, torch.nn.Sequential) else layer
+        assert abs(float(layer.weight.detach().std()) - 0.02) < 0.004, name  # PyTorch's default would be ~1/sqrt(3*256)
+        assert float(layer.bias.detach().abs().max()) == 0.0, name
+    dense = model.mlm_head.transform.dense
+    assert abs(float(dense.weight.std()) - 0.02) < 0.004 and float(dense.bias.abs().max()) == 0.0
+    assert abs(float(model.fusion.image_proj[0].weight.std()) - 0.02) < 0.004
+    assert abs(float(model.fusion.cls.std()) - 0.02) < 0.01
+
+
+def test_no_weight_decay_names_cover_tokens_and_embeddings():
+    from dmp_core.config import TrainParams
+    from dmp_core.training.schedule import build_optimizer
+
+    model = create_model(ModelParams(itm_state="concat"), image_size=32, vocab_size=VOCAB, spec=micro_spec())
+    optimizer = build_optimizer(model, TrainParams(weight_decay=0.05))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    for name in ("vision.vit.pos_embed", "vision.vit.cls_token", "vision.mask_token", "fusion.cls",
+                 "fusion.type_embeddings.weight", "text.embeddings.position_embeddings.weight", "temp"):
+        assert name in dict(model.named_parameters()) and name not in names, name
+    assert "text.embeddings.word_embeddings.weight" in names and "itm_head.0.weight" in names
+    assert not any(n.endswith(".bias") or "LayerNorm" in n or ".norm" in n for n in names)
+
+
+def test_mlm_transform_is_loaded_from_a_pretrained_checkpoint(tmp_path):
+    """A text tower from a BertForMaskedLM checkpoint brings its MLM transform and bias;
+    a bare BertModel checkpoint (like all-MiniLM-L6-v2) leaves the head BERT-initialised."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    spec = micro_spec()
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    mlm = BertForMaskedLM(config)
+    with torch.no_grad():
+        mlm.cls.predictions.bias.uniform_(-1, 1)
+    mlm.save_pretrained(tmp_path / "mlm")
+    model = create_model(ModelParams(text_weights=str(tmp_path / "mlm")), image_size=32, vocab_size=VOCAB, spec=spec)
+    transform = mlm.cls.predictions.transform
+    assert torch.equal(model.mlm_head.transform.dense.weight, transform.dense.weight)
+    assert torch.equal(model.mlm_head.transform.LayerNorm.weight, transform.LayerNorm.weight)
+    assert torch.equal(model.mlm_head.bias, mlm.cls.predictions.bias)
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "bare")
+    bare = create_model(ModelParams(text_weights=str(tmp_path / "bare")), image_size=32, vocab_size=VOCAB, spec=spec)
+    assert float(bare.mlm_head.bias.abs().max()) == 0.0
+    assert not torch.equal(bare.mlm_head.transform.dense.weight, transform.dense.weight)
 
 
 def test_mask_token_replaces_patches_before_position_embeddings(micro):
@@ -152,18 +254,37 @@ def test_padding_changes_nothing(micro):
     assert not torch.allclose(t1[keep], t3[keep], atol=1e-4)
 
 
-def test_mlm_decoder_is_tied_and_temperature_clamped(micro):
+def test_mlm_decoder_is_tied(micro):
     model = copy.deepcopy(micro)
     states = torch.randn(3, 32)
     model.mlm_logits(states).sum().backward()
     assert model.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert "mlm_head.decoder.weight" not in dict(model.named_parameters())
+
+
+def test_temperature_is_clamped_in_place_after_the_step_and_keeps_its_gradient(micro):
+    """ALBEF: the forward pass uses the raw parameter (a gradient even at a bound), and the
+    optimiser step is followed by an in-place clamp to [0.001, 0.5]."""
+    from dmp_core.losses import itc_loss
+
+    model = copy.deepcopy(micro)
     with torch.no_grad():
-        model.temp.fill_(5.0)
-    assert float(model.temperature.detach()) == 0.5
+        model.temp.fill_(0.5)  # at the upper bound
+    emb = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    loss = itc_loss(emb, emb.flip(0), torch.arange(4), model.temperature)
+    loss.backward()
+    assert model.temp.grad is not None and float(model.temp.grad.abs()) > 0  # a clamp in forward would give 0
+    optimizer = torch.optim.SGD([model.temp], lr=100.0)
     with torch.no_grad():
-        model.temp.fill_(0.0)
-    assert float(model.temperature.detach()) == pytest.approx(0.001)
+        model.temp.grad.fill_(-1.0)  # a step that pushes it above the bound
+    optimizer.step()
+    assert float(model.temp) > 0.5
+    model.clamp_temperature_()
+    assert float(model.temp) == 0.5
+    with torch.no_grad():
+        model.temp.fill_(-3.0)
+    model.clamp_temperature_()
+    assert float(model.temp) == pytest.approx(0.001)
 
 
 def test_model_info_cli(tmp_path):
@@ -176,7 +297,7 @@ def test_model_info_cli(tmp_path):
     result = CliRunner().invoke(app, ["model", "info", "--preset", "tiny", "--params", str(params)])
     assert result.exit_code == 0, result.output
     counts = json.loads(result.output.strip().splitlines()[-1])
-    model = create_model(ModelParams(), image_size=32, vocab_size=30522)
+    model = create_model(ModelParams(patch_size=8), image_size=32, vocab_size=30522)
     for part in ("image_tower", "text_tower", "fusion", "heads"):
         assert counts[part] > 0
     assert counts["total"] == sum(p.numel() for p in model.parameters())

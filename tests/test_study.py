@@ -1,55 +1,58 @@
-"""``dmp study``: the queued ``dvc exp run`` command lines (dry run), and the
-queue -> wait -> report flow against a stand-in for the dvc command."""
+"""``dmp study``: the planned ``dvc exp run`` command lines (dry run), the params each
+planned experiment runs with (applied with DVC's own ``-S`` writer to the real
+params.yaml), the scaling study's training budget, and the queue -> wait -> report
+flow against a stand-in for the dvc command."""
 from __future__ import annotations
 
-import copy
 import shlex
 import subprocess
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import stages.study as study
-from conftest import TINY
-from dmp_core.config import config_from_dict
+from dmp_core.config import ParamsError, load_config
 from stages.cli import app
 
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
 
-def _dry(*args: str) -> list[list[str]]:
+
+def _dry(*args: str) -> tuple[list[str], list[list[str]]]:
+    """(policy comment lines, commands) of a dry run."""
     result = CliRunner().invoke(app, ["study", *args, "--dry-run"])
     assert result.exit_code == 0, result.output
-    return [shlex.split(line.split("#")[0]) for line in result.output.strip().splitlines()]
+    lines = result.output.strip().splitlines()
+    comments = [line[2:] for line in lines if line.startswith("# ")]
+    commands = [shlex.split(line.split("#")[0]) for line in lines if not line.startswith("#")]
+    return comments, commands
 
 
 def _overrides(cmd: list[str]) -> dict[str, str]:
-    return dict(cmd[i + 1].split("=", 1) for i, tok in enumerate(cmd) if tok == "-S")
+    pairs = [cmd[i + 1] for i, tok in enumerate(cmd) if tok == "-S"]
+    assert all(p.startswith("++") for p in pairs), pairs  # ++ sets keys the lean params.yaml lacks
+    return dict(p[2:].split("=", 1) for p in pairs)
 
 
-def _apply(overrides: dict[str, str]):
-    """The params an experiment would run with, validated like the stages do."""
-    import yaml
-
-    raw = copy.deepcopy(TINY)
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return config_from_dict(raw)
+def _configs(runs: list[list[str]]):
+    """The validated params of each dry-run command, as DVC would write them."""
+    plan = [study.PlannedExp(c[5], _overrides(c)) for c in runs]
+    return dict(zip((p.name for p in plan), study.planned_configs(plan, PARAMS)))
 
 
 def test_ablations_dry_run_commands() -> None:
-    lines = _dry("ablations", "--seeds", "2", "--jobs", "3")
+    _, lines = _dry("ablations", "--seeds", "2", "--jobs", "3")
     runs = [c for c in lines if c[:3] == ["dvc", "exp", "run"]]
     assert len(runs) == 6 * 2
     assert all(c[3] == "--queue" and c[4] == "--name" for c in runs)
     names = [c[5] for c in runs]
     assert len(set(names)) == len(names) and "abl-mamo-s0" in names and "abl-denoise-text025-s1" in names
-    cfgs = {c[5]: _apply(_overrides(c)) for c in runs}  # every -S key exists and validates
+    cfgs = _configs(runs)  # every -S key exists in the schema and validates
     assert cfgs["abl-mamo-s1"].objective.variant == "mamo" and cfgs["abl-mamo-s1"].seed == 1
     assert cfgs["abl-denoise-pixel-s0"].objective.mim_target == "pixel"
     assert cfgs["abl-denoise-no-vicreg-s0"].objective.vicreg is False
-    assert cfgs["abl-denoise-no-vicreg-s0"].objective.vicreg_coeffs.expander_dim == 64  # rest of the section kept
+    assert cfgs["abl-denoise-no-vicreg-s0"].pretrain.steps == load_config(PARAMS).pretrain.steps  # rest kept
     assert cfgs["abl-denoise-no-itc-s1"].objective.itc is False
     assert cfgs["abl-denoise-text025-s0"].objective.text_mask_ratio == 0.25
     assert cfgs["abl-denoise-hog-s0"].objective.variant == "denoising"
@@ -59,12 +62,75 @@ def test_ablations_dry_run_commands() -> None:
     assert lines[-1][:2] == ["dmp", "report"]
 
 
-def test_scaling_dry_run_commands() -> None:
-    runs = [c for c in _dry("scaling", "--seeds", "3") if c[:3] == ["dvc", "exp", "run"]]
-    settings = {(o["objective.variant"], float(o["data.fraction"]), int(o["seed"])) for o in map(_overrides, runs)}
-    assert settings == {(v, f, s) for v in ("mamo", "denoising") for f in (0.1, 0.25, 0.5, 1.0) for s in range(3)}
-    assert len(runs) == len(settings)
-    assert "scale-mamo-f025-s2" in {c[5] for c in runs}
+def test_scaling_dry_run_chooses_fractions_variants_seeds() -> None:
+    policy, lines = _dry("scaling", "--seeds", "2", "--fractions", "0.2,0.6", "--variants", "denoising")
+    runs = [c for c in lines if c[:3] == ["dvc", "exp", "run"]]
+    cfgs = _configs(runs)
+    assert {(c.objective.variant, c.data.fraction, c.seed) for c in cfgs.values()} == {
+        ("denoising", f, s) for f in (0.2, 0.6) for s in (0, 1)}
+    assert "scale-denoising-f060-s1" in cfgs
+    assert policy[0].startswith("budget: equal optimiser steps")
+    # the default: both variants, four fractions
+    _, lines = _dry("scaling")
+    cfgs = _configs([c for c in lines if c[:3] == ["dvc", "exp", "run"]])
+    assert {(c.objective.variant, c.data.fraction) for c in cfgs.values()} == {
+        (v, f) for v in ("mamo", "denoising") for f in (0.1, 0.25, 0.5, 1.0)}
+
+
+def test_scaling_trains_equal_steps_at_every_fraction() -> None:
+    """The default budget: every fraction trains params.yaml's step counts, epochs unset,
+    so a smaller fraction sees its images more often (data varies, compute does not)."""
+    base = load_config(PARAMS)
+    plan = study.scaling_plan(1, [0.1, 0.25, 0.5, 1.0], ["mamo", "denoising"], base=base)
+    cfgs = study.planned_configs(plan, PARAMS)
+    assert sorted({c.data.fraction for c in cfgs}) == [0.1, 0.25, 0.5, 1.0]
+    for stage in ("pretrain", "finetune"):
+        assert {getattr(c, stage).steps for c in cfgs} == {getattr(base, stage).steps}
+        assert {getattr(c, stage).epochs for c in cfgs} == {None}
+    lines = study.budget_lines("steps", cfgs)
+    # S steps of 32 pairs: 32 S / 800 passes over the 800 images of fraction 0.1, 32 S / 8000 over 8000
+    steps = base.pretrain.steps
+    assert any(line.strip().startswith(f"fraction 0.1: 800 training images; pretrain {steps} steps = "
+                                       f"{steps * 32 / 800:.1f} epochs") for line in lines), lines
+    assert any(f"fraction 1: 8000 training images; pretrain {steps} steps = {steps * 32 / 8000:.1f} epochs" in line
+               for line in lines), lines
+
+
+def test_scaling_equal_epochs_is_an_explicit_choice(tmp_path) -> None:
+    base = load_config(PARAMS)
+    plan = study.scaling_plan(1, [0.25, 1.0], ["denoising"], budget="epochs", base=base, epochs=3)
+    assert all("-ep3-" in p.name for p in plan)
+    cfgs = study.planned_configs(plan, PARAMS)
+    for stage in ("pretrain", "finetune"):
+        assert {getattr(c, stage).epochs for c in cfgs} == {3}
+        assert {getattr(c, stage).steps for c in cfgs} == {None}
+    lines = study.budget_lines("epochs", cfgs)
+    assert lines[0].startswith("budget: equal epochs")
+    assert any("fraction 0.25: 2000 training images; pretrain 186 steps = 3.0 epochs" in line for line in lines), lines
+
+    # a params file that sets epochs instead of steps cannot give an equal-steps study
+    from dvc.utils.hydra import apply_overrides
+
+    by_epochs = tmp_path / "params.yaml"
+    by_epochs.write_text(PARAMS.read_text())
+    apply_overrides(by_epochs, ["pretrain.steps=null", "++pretrain.epochs=2"])
+    with pytest.raises(ParamsError, match=r"pretrain\.steps"):
+        study.scaling_plan(1, [0.5], ["mamo"], base=load_config(by_epochs))
+
+
+def test_bad_study_options_fail_with_one_line() -> None:
+    for args, needle in ((["--fractions", "0,0.5"], "--fractions"), (["--fractions", "a,b"], "--fractions"),
+                         (["--variants", "mamo,simclr"], "simclr"), (["--budget", "flops"], "--budget")):
+        result = CliRunner().invoke(app, ["study", "scaling", *args, "--dry-run"])
+        assert result.exit_code == 1, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0], result.output
+
+
+def test_plan_check_names_the_experiment_and_key() -> None:
+    plan = [study.PlannedExp("abl-typo-s0", {"objective.vicerg": "false"})]
+    with pytest.raises(ParamsError, match=r"abl-typo-s0.*objective\.vicerg"):
+        study.planned_configs(plan, PARAMS)
 
 
 def test_queue_states_parse_dvc_queue_status() -> None:
@@ -79,30 +145,75 @@ Worker status: 1 active, 0 idle
         "abl-mamo-s0": "success", "abl-mamo-s1": "running", "abl-mamo-s10": "queued"}
 
 
-def test_run_study_queues_waits_and_reports(monkeypatch, tmp_path) -> None:
-    """The real flow with a stand-in for dvc: queued, started, polled until done, reported."""
-    plan = study.ablation_plan(1)[:2]
+def _fake_dvc(monkeypatch, plan, existing=(), untracked=()):
+    """A stand-in for subprocess.run: records the dvc calls and plays a queue; git status
+    reports ``untracked`` files."""
     calls: list[list[str]] = []
     polls = iter(["queued", "running", "success"])
 
-    def fake_run(cmd, capture_output, text):
+    def fake_run(cmd, **kwargs):
+        if cmd[:2] == ["git", "status"]:
+            return subprocess.CompletedProcess(cmd, 0, "".join(f"?? {p}\0" for p in untracked), "")
+        if cmd[:2] == ["git", "show"]:  # HEAD's params.yaml: the same as the workspace's
+            return subprocess.CompletedProcess(cmd, 0, PARAMS.read_text(), "")
         calls.append(cmd[2:])  # drop "<python> -m"
         out = ""
         if cmd[3:5] == ["queue", "status"]:
             state = next(polls)
             out = "\n".join(f"abc123  {exp.name}  10:00 AM  {state.capitalize()}" for exp in plan)
+        if cmd[3:5] == ["exp", "list"]:
+            out = "\n".join(existing) + "\n"
         return subprocess.CompletedProcess(cmd, 0, out, "")
 
-    reported = []
     monkeypatch.setattr(study.subprocess, "run", fake_run)
-    monkeypatch.setattr("stages.report.write_report", lambda cfg, **kw: reported.append(kw))
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
-    study.run_study(plan, jobs=2, dry_run=False, params=tmp_path / "params.yaml", poll_s=0)
+    return calls
 
-    assert calls[0] == ["dvc", "exp", "run", "--queue", "--name", "abl-mamo-s0", "-S", "objective.variant=mamo", "-S", "seed=0"]
-    assert calls[2] == ["dvc", "queue", "start", "-j", "2"]
-    assert [c[1:3] for c in calls[3:]] == [["queue", "status"]] * 3
-    assert len(reported) == 1
+
+@pytest.fixture
+def params(tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS.read_text())
+    return path
+
+
+def test_run_study_queues_waits_and_reports(monkeypatch, params) -> None:
+    """The real flow with a stand-in for dvc: queued, started, polled until done, reported."""
+    plan = study.ablation_plan(1)[:2]
+    calls = _fake_dvc(monkeypatch, plan)
+    study.run_study(plan, jobs=2, dry_run=False, params=params, poll_s=0)
+
+    assert calls[0] == ["dvc", "exp", "list", "--name-only"]
+    assert calls[1] == ["dvc", "exp", "run", "--queue", "--name", "abl-mamo-s0",
+                        "-S", "++objective.variant=mamo", "-S", "++seed=0"]
+    assert calls[3] == ["dvc", "queue", "start", "-j", "2"]
+    assert [c[1:3] for c in calls[4:7]] == [["queue", "status"]] * 3
+    assert calls[7] == ["stages", "report", "--params", str(params)]
+    assert len(calls) == 8
+
+
+def test_run_study_copies_untracked_sources(monkeypatch, params) -> None:
+    """DVC builds queued experiments from git-tracked files only: new code goes in with -C,
+    untracked pipeline outputs do not."""
+    plan = study.ablation_plan(1)[:1]
+    calls = _fake_dvc(monkeypatch, plan, untracked=["stages/new_stage.py", "reports/results.md", "dvc.lock"])
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)
+    queued = [c for c in calls if c[1:4] == ["exp", "run", "--queue"]]
+    assert len(queued) == 1 and queued[0][-2:] == ["-C", "stages/new_stage.py"]
+    assert queued[0].count("-C") == 1
+
+
+def test_run_study_keeps_existing_experiments_unless_rerun(monkeypatch, params) -> None:
+    plan = study.ablation_plan(1)[:2]
+    calls = _fake_dvc(monkeypatch, plan[1:], existing=[plan[0].name])
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)
+    queued = [c[5] for c in calls if c[1:4] == ["exp", "run", "--queue"]]
+    assert queued == [plan[1].name]
+    assert not any(c[1:3] == ["exp", "remove"] for c in calls)
+
+    calls = _fake_dvc(monkeypatch, plan, existing=[plan[0].name])
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, rerun=True)
+    assert ["dvc", "exp", "remove", plan[0].name] in calls
+    assert [c[5] for c in calls if c[1:4] == ["exp", "run", "--queue"]] == [p.name for p in plan]
 
 
 def test_study_help() -> None:
@@ -111,3 +222,5 @@ def test_study_help() -> None:
     for name in ("ablations", "scaling"):
         result = CliRunner().invoke(app, ["study", name, "--help"])
         assert result.exit_code == 0 and "--seeds" in result.output and "--dry-run" in result.output
+    result = CliRunner().invoke(app, ["study", "scaling", "--help"])
+    assert "--fractions" in result.output and "--variants" in result.output and "--budget" in result.output

@@ -18,13 +18,20 @@ from conftest import free_port, tiny_config
 VENV_BIN = Path(sys.executable).parent
 
 
+def _cfg(**overrides):
+    """The tiny config with step-based training lengths set explicitly."""
+    lengths = dict(pretrain__steps=3, pretrain__epochs=None, finetune__steps=2, finetune__epochs=None,
+                   tracking__system_metrics=False)
+    return tiny_config(**{**lengths, **overrides})
+
+
 # ------------------------------------------------------------------ URI resolution
 def test_uri_from_params_wins(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert tracking.resolve_tracking_uri(TrackingParams(uri="http://example:5000"), tmp_path) == "http://example:5000"
     assert tracking.resolve_tracking_uri(TrackingParams(), tmp_path) == "http://127.0.0.1:1"
-    # the whole config works too (dmp_core.evaluate passes it)
-    assert tracking.resolve_tracking_uri(tiny_config(tracking__uri="http://h:1")) == "http://h:1"
+    # the whole config works too (dmp_core.evaluation.retrieval passes it)
+    assert tracking.resolve_tracking_uri(_cfg(tracking__uri="http://h:1")) == "http://h:1"
 
 
 def test_default_uri_is_absolute_sqlite_at_dvc_root(monkeypatch, tmp_path):
@@ -68,7 +75,7 @@ def test_tracker_sqlite_roundtrip(monkeypatch, tmp_path):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = tiny_config(tracking__uri=uri, tracking__experiment="unit")
+    cfg = _cfg(tracking__uri=uri, tracking__experiment="unit")
     tr = tracking.Tracker(cfg, "pretrain", upstream_run_id="up-1")
     for step in range(1, 4):
         tr.log_metrics({"loss": 1.0 / step, "loss_itc": 2.0 / step}, step)
@@ -85,7 +92,22 @@ def test_tracker_sqlite_roundtrip(monkeypatch, tmp_path):
     assert tags["dmp.stage"] == "pretrain" and tags["dmp.variant"] == "denoising"
     assert tags["dmp.model_preset"] == "tiny" and tags["dmp.upstream_run_id"] == "up-1"
     assert tags["dvc.exp_name"] == "brisk-lynx" and tags["dvc.baseline_rev"] == "abc123"
-    assert run.data.params["objective.variant"] == "denoising"
+    assert tags["mlflow.runName"] == "brisk-lynx/pretrain"  # no repeated variant
+    params = run.data.params
+    assert params["objective.variant"] == "denoising"
+    # real values, spelt as in params.yaml: an unset switch is "null", never ''
+    assert params["objective.vicreg"] == "null" and params["objective.mim_target"] == "null"
+    assert params["model.pretrained"] == "true" and params["pretrain.steps"] == "3"
+    assert params["pretrain.epochs"] == "null" and params["pretrain.lr"] == str(cfg.pretrain.lr)
+    assert params["targets.kinds"] == '["hog", "pixel"]' and params["pretrain.betas"] == "[0.9, 0.999]"
+    # what the denoising recipe resolves to
+    assert params["resolved.objectives"] == "itc,itm,mlm,mim,vicreg"
+    assert params["resolved.vicreg"] == "true" and params["resolved.mrm"] == "false"
+    assert params["resolved.mim_target"] == "hog" and params["resolved.itm_negatives"] == "itc"
+    assert params["resolved.text_mask_ratio"] == "0.4" and params["resolved.image_mask_ratio"] == "0.75"
+    assert params["resolved.needs_ema"] == "false"
+    assert "" not in params.values()
+    assert tags["dmp.objectives"] == "itc,itm,mlm,mim,vicreg" and tags["dmp.mim_target"] == "hog"
     hist = client.get_metric_history(tr.run_id, "loss_itc")
     assert sorted((m.step, m.value) for m in hist) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
     exp = client.get_experiment(run.info.experiment_id)
@@ -103,6 +125,92 @@ def test_tracker_sqlite_roundtrip(monkeypatch, tmp_path):
     tr2.end()
     assert tr2.run_id == tr.run_id and tr2.resumed
     assert len(client.get_metric_history(tr.run_id, "loss")) == 4
+
+
+def test_resolved_objectives_filterable(monkeypatch, tmp_path):
+    """Switches change the resolved params and tags; finetune's tag names what it trains;
+    outside a DVC experiment the run is named workspace/<stage>."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = _cfg(tracking__uri=uri, objective__variant="mamo", objective__mim_target="pixel",
+               objective__vicreg=True)
+    ids = {}
+    for stage in ("pretrain", "finetune"):
+        tr = tracking.Tracker(cfg, stage)
+        tr.end()
+        ids[stage] = tr.run_id
+    client = MlflowClient(uri)
+    pre, fin = (client.get_run(ids[s]) for s in ("pretrain", "finetune"))
+    assert pre.info.run_name == "workspace/pretrain" and fin.info.run_name == "workspace/finetune"
+    assert pre.data.params["objective.vicreg"] == "true" and pre.data.params["objective.mim_target"] == "pixel"
+    assert pre.data.params["resolved.objectives"] == "itc,itm,mlm,mim,mrm,vicreg"
+    assert pre.data.params["resolved.needs_ema"] == "true"  # MRM needs the EMA model
+    assert pre.data.params["resolved.text_mask_ratio"] == "0.25"  # mamo's recipe
+    assert pre.data.tags["dmp.objectives"] == "itc,itm,mlm,mim,mrm,vicreg"
+    assert pre.data.tags["dmp.mim_target"] == fin.data.tags["dmp.mim_target"] == "pixel"
+    assert fin.data.tags["dmp.objectives"] == "itc,itm"
+    assert fin.data.tags["dmp.pretrain_objectives"] == pre.data.tags["dmp.objectives"]
+    # runs can be selected by what ran
+    found = client.search_runs([pre.info.experiment_id],
+                               "tags.`dmp.mim_target` = 'pixel' and params.`resolved.mrm` = 'true'")
+    assert {r.info.run_id for r in found} == set(ids.values())
+    no_mim = _cfg(tracking__uri=uri, objective__mim=False)
+    assert tracking.objective_tags(no_mim, "pretrain")["dmp.mim_target"] == "none"
+
+
+def test_finetune_objectives_match_the_training_code():
+    from dmp_core.training.meta_arch import LOSS_TERMS
+
+    assert tracking.FINETUNE_OBJECTIVES == LOSS_TERMS["finetune"]
+
+
+KILL_BEFORE_CHECKPOINT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from dmp_core import tracking
+cfg = tiny_config(tracking__uri={uri!r}, tracking__system_metrics=False, pretrain__steps=3,
+                  pretrain__epochs=None, finetune__steps=2, finetune__epochs=None)
+tr = tracking.Tracker(cfg, "pretrain")
+tracking.write_run_json({reports!r}, tr, stage="pretrain")
+os.kill(os.getpid(), 9)  # killed like `kill -9` before any checkpoint: nothing ends the run
+"""
+
+
+def test_close_orphan_run_marks_a_killed_run(tmp_path):
+    """A stage process killed before its first checkpoint leaves its MLflow run RUNNING;
+    the next fresh start ends it as KILLED (once) and says so in one line."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    reports = tmp_path / "reports" / "pretrain"
+    script = KILL_BEFORE_CHECKPOINT.format(tests=str(Path(__file__).parent), uri=uri, reports=str(reports))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run_json = reports / "run.json"
+    run_id = tracking.read_run_json(run_json)["run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    cfg = _cfg(tracking__uri=uri)
+    message = tracking.close_orphan_run(run_json, cfg)
+    assert message == (f"previous run {run_id} was killed before its first checkpoint: marked KILLED; "
+                       "starting from step 0")
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    assert tracking.close_orphan_run(run_json, cfg) is None  # already ended: nothing to do
+
+    # a finished run, a missing file, an unknown run id: left alone, no message
+    tr = tracking.Tracker(cfg, "finetune")
+    tr.end()
+    tracking.write_run_json(tmp_path / "done", tr, stage="finetune")
+    assert tracking.close_orphan_run(tmp_path / "done" / "run.json", cfg) is None
+    assert client.get_run(tr.run_id).info.status == "FINISHED"
+    assert tracking.close_orphan_run(tmp_path / "absent" / "run.json", cfg) is None
+    (tmp_path / "bogus.json").write_text('{"run_id": "0123456789abcdef0123456789abcdef", "tracking_uri": "%s"}' % uri)
+    assert tracking.close_orphan_run(tmp_path / "bogus.json", cfg) is None
 
 
 # ------------------------------------------------------------------ a real mlflow server
@@ -142,12 +250,11 @@ def test_pretrain_then_finetune_logged_to_server(mlflow_server, tiny_data, tmp_p
     and finetune's upstream tag pointing at the pretrain run."""
     from mlflow import MlflowClient
 
-    from dmp_core.train import run_training
+    from dmp_core.training.loop import run_training
     from test_train import check_stage_outputs
 
     monkeypatch.setenv("DVC_EXP_NAME", "server-test")
-    cfg = tiny_config(tracking__uri=mlflow_server, pretrain__max_steps=3, pretrain__val_every=2,
-                      finetune__max_steps=2)
+    cfg = _cfg(tracking__uri=mlflow_server, pretrain__val_every=2)
     models, reports = tmp_path / "models", tmp_path / "reports"
     pre = run_training(cfg, "pretrain", prepared_dir=tiny_data["prepared"], targets_dir=tiny_data["targets"],
                        out_dir=models / "pretrain", reports_dir=reports / "pretrain")

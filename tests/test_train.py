@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_config
 from dmp_core.config import TrainParams
 from dmp_core.errors import TrainingError
-from dmp_core.schedule import build_optimizer, build_scheduler
-from dmp_core.train import EpochBatchSampler, itc_recall, run_training
+from dmp_core.training.schedule import build_optimizer, build_scheduler
+from dmp_core.training.loop import EpochBatchSampler, itc_recall, run_training
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def store(tmp_path_factory) -> str:
 
 # ------------------------------------------------------------------ schedule
 def test_schedule_linear_warmup_then_cosine_to_min_at_last_step():
-    train = TrainParams(epochs=3, warmup_epochs=0.5, lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
+    train = TrainParams(steps=None, epochs=3, warmup=1 / 6, lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
     total = 30  # 3 epochs of 10 steps
     opt = build_optimizer(torch.nn.Linear(4, 4), train)
     sched = build_scheduler(opt, train, total_steps=total)
@@ -33,7 +33,7 @@ def test_schedule_linear_warmup_then_cosine_to_min_at_last_step():
     for step in range(total):
         sched.step_update(step)
         lrs.append(opt.param_groups[0]["lr"])
-    warm = 5  # 0.5 epochs of 10 steps
+    warm = 5  # a sixth of the run
     for step in range(warm):  # linear from warmup_lr towards lr
         assert lrs[step] == pytest.approx(1e-6 + step * (1e-3 - 1e-6) / warm, rel=1e-9)
     assert lrs[warm] == pytest.approx(1e-3)  # the peak right after warmup
@@ -46,21 +46,32 @@ def test_schedule_linear_warmup_then_cosine_to_min_at_last_step():
     assert lrs[-2] > 1e-5  # ... and not before (the seed's schedule sat at the minimum)
 
 
-def test_warmup_keeps_its_share_when_max_steps_shortens_the_run():
-    from dmp_core.schedule import warmup_steps_for
+def test_warmup_is_a_share_of_the_run():
+    from dmp_core.training.schedule import warmup_steps_for
 
-    train = TrainParams(epochs=4, warmup_epochs=1.0)
-    assert warmup_steps_for(train, total_steps=400) == 100  # 4 epochs of 100 steps
-    assert warmup_steps_for(train, total_steps=40) == 10  # max_steps=40: still a quarter
-    assert warmup_steps_for(TrainParams(epochs=1, warmup_epochs=5.0), total_steps=8) == 7
+    train = TrainParams(warmup=0.25)
+    assert warmup_steps_for(train, total_steps=400) == 100
+    assert warmup_steps_for(train, total_steps=40) == 10
+    assert warmup_steps_for(TrainParams(warmup=0.99), total_steps=8) == 7  # never the whole run
+    assert warmup_steps_for(TrainParams(warmup=0.0), total_steps=8) == 0
+
+
+def test_run_length_is_steps_xor_epochs():
+    from dmp_core.config import ParamsError
+
+    with pytest.raises(ParamsError, match="exactly one of steps and epochs"):
+        tiny_config(pretrain__epochs=2)  # steps is set too
+    with pytest.raises(ParamsError, match="exactly one of steps and epochs"):
+        tiny_config(pretrain__steps=None)
+    assert tiny_config(pretrain__steps=None, pretrain__epochs=2).pretrain.epochs == 2
 
 
 def test_no_weight_decay_on_biases_norms_temperature_and_mask_tokens():
-    from dmp_core.meta_arch import create_pretrainer
-    from dmp_core.models import create_model
+    from dmp_core.training.meta_arch import create_pretrainer
+    from dmp_core.models import model_from_config
 
     cfg = tiny_config(objective__variant="mamo")  # mamo: also has an EMA model (never optimised)
-    model = create_model(cfg.model, image_size=32, vocab_size=30522)
+    model = model_from_config(cfg, 30522)
     pretrainer = create_pretrainer(cfg, "pretrain", model)
     opt = build_optimizer(pretrainer, cfg.pretrain)
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -72,7 +83,9 @@ def test_no_weight_decay_on_biases_norms_temperature_and_mask_tokens():
         seen += 1
         leaf = name.split(".")[-1]
         excluded = (leaf == "bias" or p.ndim == 1 or leaf == "temp" or "mask_token" in name
-                    or "norm" in name.lower() and leaf == "weight")
+                    or "norm" in name.lower() and leaf == "weight"
+                    or leaf in ("pos_embed", "cls_token", "cls") or "position_embeddings" in name
+                    or "type_embeddings" in name)
         assert decay_of[id(p)] == (0.0 if excluded else cfg.pretrain.weight_decay), name
     assert seen == len(decay_of)
     names = dict(pretrainer.named_parameters())
@@ -147,11 +160,17 @@ def check_stage_outputs(cfg, stage, models, reports, active):
     assert set(metrics) == METRIC_KEYS
     history = pd.read_csv(reports / stage / "history.csv")
     assert list(history["step"]) == list(range(1, metrics["steps"] + 1))
+    from dmp_core.training.meta_arch import LOSS_TERMS
+
     for name in active:
         assert f"loss_{name}" in history.columns and history[f"loss_{name}"].notna().all(), name
     assert {"step", "epoch", "lr", "loss", "temperature", "pairs_per_s"} <= set(history.columns)
-    assert not any(c.startswith("loss_") and c[5:] not in active for c in history.columns)
+    # every term of the stage has a column (for `dvc plots`); unused ones are empty
+    assert {f"loss_{t}" for t in LOSS_TERMS[stage]} == {c for c in history.columns if c.startswith("loss_")}
+    for term in set(LOSS_TERMS[stage]) - set(active):
+        assert history[f"loss_{term}"].isna().all(), term
     val = pd.read_csv(reports / stage / "val_history.csv")
+    assert val["itm_auc"].between(0, 1).all() and val["image_use_gap"].notna().all()
     best = val.loc[val["r_mean"].idxmax()]
     assert metrics["best_step"] == int(best["step"]) and metrics["val_r_mean_best"] == pytest.approx(best["r_mean"])
     run = json.loads((reports / stage / "run.json").read_text())
@@ -162,11 +181,11 @@ def check_stage_outputs(cfg, stage, models, reports, active):
 @pytest.mark.slow
 def test_short_mamo_pretrain(tiny_data, tmp_path, store):
     """Pretrain 4 steps (val every 2 -> best-weights selection) with the EMA variant; the best
-    weights load with dmp_core.evaluate. (The denoising pretrain + finetune run against a
+    weights load with dmp_core.evaluation.retrieval. (The denoising pretrain + finetune run against a
     real mlflow server in test_tracking.py, with the same output checks.)"""
-    from dmp_core.evaluate import load_model
+    from dmp_core.evaluation.retrieval import load_model
 
-    cfg = tiny_config(tracking__uri=store, objective__variant="mamo", pretrain__max_steps=4, pretrain__val_every=2)
+    cfg = tiny_config(tracking__uri=store, objective__variant="mamo", pretrain__steps=4, pretrain__val_every=2)
     models, reports = tmp_path / "models", tmp_path / "reports"
     metrics = run_training(cfg, "pretrain", prepared_dir=tiny_data["prepared"], targets_dir=tiny_data["targets"],
                            out_dir=models / "pretrain", reports_dir=reports / "pretrain")
@@ -174,12 +193,15 @@ def test_short_mamo_pretrain(tiny_data, tmp_path, store):
     active = cfg.objective.resolve().active
     assert "mrm" in active and "vicreg" not in active
     check_stage_outputs(cfg, "pretrain", models, reports, active)
+    history = pd.read_csv(reports / "pretrain" / "history.csv")  # the EMA decay of every step
+    assert history["ema_decay"].tolist() == pytest.approx([min(0.995, 1 - k ** -0.75) if k > 1 else 0.0
+                                                           for k in range(1, 5)])
     load_model(cfg, models / "pretrain" / "model.safetensors", vocab_size=30522)
 
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_term_and_checkpoint(tiny_data, tmp_path, store, monkeypatch):
-    import dmp_core.meta_arch as meta_arch
+    import dmp_core.training.meta_arch as meta_arch
 
     real_itc, calls = meta_arch.itc_loss, []
 
@@ -189,7 +211,7 @@ def test_non_finite_loss_stops_naming_step_term_and_checkpoint(tiny_data, tmp_pa
         return loss * math.nan if len(calls) == 3 else loss
 
     monkeypatch.setattr(meta_arch, "itc_loss", itc_turning_nan)
-    cfg = tiny_config(tracking__uri=store, pretrain__max_steps=6, pretrain__checkpoint_every=2)
+    cfg = tiny_config(tracking__uri=store, pretrain__steps=6, pretrain__checkpoint_every=2)
     out = tmp_path / "models" / "pretrain"
     with pytest.raises(TrainingError) as info:
         run_training(cfg, "pretrain", prepared_dir=tiny_data["prepared"], targets_dir=tiny_data["targets"],

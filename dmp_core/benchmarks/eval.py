@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dmp_core.config import Config
-from dmp_core.evaluate import (
+from dmp_core.evaluation.retrieval import (
     RetrievalSplit,
     encode_split,
     exhaustive_itm,

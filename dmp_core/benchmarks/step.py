@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from dmp_core.config import Config, ParamsError, config_from_dict
-from dmp_core.meta_arch import create_pretrainer
-from dmp_core.schedule import build_optimizer
-from dmp_core.train import peak_rss_mb
-from dmp_core.models import create_model
+from dmp_core.config import Config, ParamsError, config_from_dict, preset_spec
+from dmp_core.training.meta_arch import create_pretrainer
+from dmp_core.training.schedule import build_optimizer
+from dmp_core.training.loop import peak_rss_mb
+from dmp_core.models import model_from_config
 
 MINILM_VOCAB = 30522
 
@@ -45,14 +45,13 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
     raw = cfg.model_dump(mode="json")
     raw["objective"]["variant"] = variant
     raw["model"].update(preset=preset, pretrained=False, image_weights=None, text_weights=None)
+    raw["targets"]["patch"] = None  # the preset's patch size
+    raw["targets"]["hog"]["cell"] = preset_spec(preset)["image"]["patch_size"] // 2
+    raw["pretrain"]["batch_size"] = batch
     cfg = config_from_dict(raw, source="bench step")
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=MINILM_VOCAB)
-    if model.patch_size != cfg.targets.patch:  # keep the precomputed-target shapes consistent with the preset
-        raw["targets"]["patch"] = model.patch_size
-        raw["targets"]["hog"]["cell"] = model.patch_size // 2
-        cfg = config_from_dict(raw, source="bench step")
+    model = model_from_config(cfg, MINILM_VOCAB)
     pretrainer = create_pretrainer(cfg, "pretrain", model).to(device).train()
     params = [p for p in pretrainer.parameters() if p.requires_grad]
     optimizer = build_optimizer(pretrainer, cfg.pretrain)  # the training loop's AdamW (fused, decay groups)
@@ -61,13 +60,17 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
     data = {k: v.to(device) for k, v in data.items()}
     amp = device.type == "cuda" and cfg.pretrain.amp != "off"
 
+    counter = [0]
+
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = pretrainer(data)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
-        pretrainer.update_ema()
+        pretrainer.model.clamp_temperature_()
+        counter[0] += 1
+        pretrainer.update_ema(counter[0])
         return float(out["loss"].detach())
 
     for _ in range(warmup):

@@ -8,11 +8,21 @@
   checksum where one is known, and unpacked. Without network (or with
   ``HF_HUB_OFFLINE=1`` / ``DMP_OFFLINE=1``) the stage fails with one line saying what
   is missing and where to put it.
+* any other name (``data.name: myset``): a Karpathy-format set the user placed; it must
+  already hold ``dataset_<name>.json`` and ``images/``.
 
 When the data is already present the stage only validates it: the split file
 parses, every split has images, and every listed image file exists (a missing file
 is an error with ``data.on_bad_item=error``, otherwise a warning; preprocess then
-skips and counts it).
+skips and counts it). The stage then writes the manifest (:mod:`dmp_core.data.manifest`)
+that DVC tracks in place of the raw folder.
+
+Where ``data.root`` points (:func:`resolve_root`): an absolute path is used as is. A
+relative path is resolved against the *working directory* for ``synthetic`` (generated
+data: a queued DVC experiment regenerates it in its own copy of the project) and
+against the *real project root* for every other set (:func:`dmp_core.tracking.project_root`
+maps a DVC experiment's temporary copy under ``.dvc/tmp/exps/`` back to it), because git
+does not copy untracked data into those copies.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from dmp_core.config import DOWNLOADABLE
 from dmp_core.data import synthetic
 from dmp_core.data.karpathy import IMAGES_DIR, SPLITS, dataset_json, image_path, read_karpathy
 from dmp_core.errors import DataError
@@ -86,8 +97,31 @@ IMAGE_SOURCES: dict[str, tuple[ImageArchive, ...]] = {
 }
 
 
-def dataset_dir(cfg: Any) -> Path:
-    return Path(cfg.data.root) / cfg.data.name
+def project_base(cfg: Any, cwd: str | Path | None = None) -> Path:
+    """The folder a relative ``data.root`` (and the hash cache) is resolved against: the
+    working directory for ``synthetic``, else the real project root (see the module docstring)."""
+    if cfg.data.name == "synthetic":
+        return Path(cwd or os.getcwd()).resolve()
+    from dmp_core.tracking import project_root
+
+    return project_root(cwd)
+
+
+def resolve_root(cfg: Any, cwd: str | Path | None = None) -> Path:
+    """``data.root`` as an absolute path (absolute: as is; relative: see :func:`project_base`)."""
+    root = Path(cfg.data.root).expanduser()
+    return root if root.is_absolute() else project_base(cfg, cwd) / root
+
+
+def dataset_dir(cfg: Any, cwd: str | Path | None = None) -> Path:
+    """``<data.root>/<data.name>``, resolved (see :func:`resolve_root`)."""
+    return resolve_root(cfg, cwd) / cfg.data.name
+
+
+def default_cache_dir(cfg: Any, cwd: str | Path | None = None) -> Path:
+    """``data/cache`` of the project the data root is resolved against (git-ignored): queued
+    DVC experiments on a real set share the workspace's hashes instead of re-reading every file."""
+    return project_base(cfg, cwd) / "data" / "cache"
 
 
 def offline() -> bool:
@@ -298,6 +332,17 @@ def validate_dataset(root: str | Path, name: str, on_bad_item: str = "error") ->
     return {"dataset": name, "dir": str(root), "splits": counts, "missing_files": len(missing)}
 
 
+def require_present(root: Path, name: str) -> None:
+    """A set with no download source (any name but synthetic/flickr8k/flickr30k/coco) must
+    already be in place: one line naming both paths otherwise."""
+    json_path, images = dataset_json(root, name), root / IMAGES_DIR
+    lacking = [str(p) for p, ok in ((json_path, json_path.is_file()), (images, images.is_dir())) if not ok]
+    if lacking:
+        raise DataError(f"dataset '{name}' not found: {' and '.join(lacking)} missing; data.name={name} has no "
+                        f"download source, so put a Karpathy-format split file at {json_path} and its images "
+                        f"under {images}/ (see docs/DATA.md), or set data.root to the folder that holds {name}/")
+
+
 def run_download(cfg: Any) -> Path:
     """Make ``<data.root>/<data.name>`` complete and valid; returns that folder."""
     return download_and_validate(cfg)[0]
@@ -311,6 +356,22 @@ def download_and_validate(cfg: Any) -> tuple[Path, dict[str, Any]]:
         kw = dict(seed=cfg.seed, image_size=d.image_size, synthetic_params=d.synthetic)
         if not synthetic.is_current(root, **kw):
             synthetic.generate_synthetic(root, **kw)
-    else:
+    elif d.name in DOWNLOADABLE:
         download_real(root, d.name)
+    else:
+        require_present(root, d.name)
     return root, validate_dataset(root, d.name, d.on_bad_item)
+
+
+def download_with_manifest(cfg: Any, manifest_path: str | Path,
+                           cache_dir: Optional[str | Path] = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The whole download stage: :func:`download_and_validate`, then write the manifest
+    (:mod:`dmp_core.data.manifest`) to ``manifest_path``; ``cache_dir`` defaults to
+    :func:`default_cache_dir`. Returns (dataset folder, validation report, manifest)."""
+    from dmp_core.data.manifest import build_manifest, write_manifest
+
+    root, report = download_and_validate(cfg)
+    manifest = build_manifest(root, cfg.data.name, on_bad_item=cfg.data.on_bad_item,
+                              cache_dir=cache_dir if cache_dir is not None else default_cache_dir(cfg))
+    write_manifest(manifest_path, manifest)
+    return root, report, manifest

@@ -1,6 +1,6 @@
-"""The objectives, one small module each; see dmp_core.meta_arch for how they combine."""
+"""The objectives, one small module each; see dmp_core.training.meta_arch for how they combine."""
 from dmp_core.config import ObjectiveParams, ParamsError, ResolvedObjectives
-from dmp_core.losses.itc import itc_loss, positive_targets
+from dmp_core.losses.itc import itc_loss, positive_targets, same_pair
 from dmp_core.losses.itm import itm_loss, sample_negatives
 from dmp_core.losses.mim import mim_loss
 from dmp_core.losses.mlm import mlm_loss
@@ -18,5 +18,5 @@ def resolve_objectives(objective: ObjectiveParams) -> ResolvedObjectives:
 
 __all__ = [
     "itc_loss", "itm_loss", "mim_loss", "mlm_loss", "mrm_loss", "mrm_targets", "positive_targets",
-    "resolve_objectives", "sample_negatives", "vicreg_loss", "ResolvedObjectives",
+    "resolve_objectives", "same_pair", "sample_negatives", "vicreg_loss", "ResolvedObjectives",
 ]

@@ -1,26 +1,26 @@
 """The model: ``create_model(model_params, *, image_size, vocab_size) -> DMPModel``.
 
-A preset (``configs/<name>.json``) names the timm image architecture, the BERT shape,
-where pretrained weights come from and how the BERT layers split into text and fusion
-halves; the ``model`` section of params.yaml overrides it."""
+A preset (``configs/<name>.json``) names the timm image architecture and its patch size,
+the BERT shape, where pretrained weights come from and how the BERT layers split into
+text and fusion halves; the ``model`` section of params.yaml overrides it.
+:func:`model_from_config` builds the model a whole config implies (with the MIM head
+its objective needs)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from transformers import BertConfig
 
-from dmp_core.config import ModelParams, ParamsError
+from dmp_core.config import PRESET_DIR, Config, ModelParams, ParamsError, preset_spec
 from dmp_core.errors import CheckpointError
 from dmp_core.models.fusion import MergedFusion
 from dmp_core.models.model import DMPModel
-from dmp_core.models.text import TextTower, load_bert
+from dmp_core.models.text import TextTower, load_bert, load_mlm_head_state
 from dmp_core.models.vision import VisionTower
 
-PRESET_DIR = Path(__file__).parent / "configs"
-
-__all__ = ["DMPModel", "create_model", "load_preset", "load_weights", "PRESET_DIR"]
+__all__ = ["DMPModel", "create_model", "model_from_config", "mim_dim_for", "load_preset", "load_weights",
+           "PRESET_DIR"]
 
 
 def load_weights(model: DMPModel, path: str | Path, *, missing_hint: str) -> DMPModel:
@@ -45,23 +45,48 @@ def load_weights(model: DMPModel, path: str | Path, *, missing_hint: str) -> DMP
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
-        raise ParamsError(f"model.preset: unknown preset {name!r} (known: {known})")
-    return json.loads(path.read_text())
+    return preset_spec(name)
+
+
+def mim_dim_for(cfg: Config, image_dim: int) -> Optional[int]:
+    """Output width of the MIM head the pretraining objective needs (None: no MIM):
+    3 * bins * (patch / cell)^2 for HOG, patch^2 * 3 for pixels, the image width for
+    MAMO's momentum features."""
+    objectives = cfg.objective.resolve()
+    if not objectives.mim:
+        return None
+    if objectives.mim_target == "momentum":
+        return image_dim
+    patch = cfg.target_patch
+    if objectives.mim_target == "hog":
+        return 3 * cfg.targets.hog.bins * (patch // cfg.targets.hog.cell) ** 2
+    return patch * patch * 3
+
+
+def model_from_config(cfg: Config, vocab_size: int, *, pretrained: Optional[bool] = None) -> DMPModel:
+    """The DMPModel a whole config implies: ``model.*`` plus the MIM head of its objective.
+
+    ``pretrained=False`` skips loading pretrained tower weights (e.g. when a checkpoint
+    will be loaded next); None keeps ``model.pretrained``."""
+    params = cfg.model if pretrained is None else cfg.model.model_copy(update={"pretrained": pretrained})
+    return create_model(params, image_size=cfg.data.image_size, vocab_size=vocab_size,
+                        mim_dim=lambda image_width: mim_dim_for(cfg, image_width))
 
 
 def create_model(model_params: ModelParams, *, image_size: int, vocab_size: int,
-                 spec: dict[str, Any] | None = None) -> DMPModel:
+                 spec: dict[str, Any] | None = None, mim_dim: Any = None) -> DMPModel:
     """Build the model for ``model.preset`` with the overrides of the ``model`` section.
 
     ``image_size`` is data.image_size; ``vocab_size`` comes from the prepared data's meta.json.
     ``model.pretrained=false`` gives the same shapes randomly initialised (no network).
-    ``spec`` replaces the preset file's content (tests and experiments with other shapes)."""
-    if model_params.fusion_type != "merged":
-        raise ParamsError("model.fusion_type=coattn is not implemented; use merged")
+    ``spec`` replaces the preset file's content (tests and experiments with other shapes).
+    ``mim_dim``: the MIM head's output width, or a function of the image tower width, or None."""
     spec = spec if spec is not None else load_preset(model_params.preset)
+    if model_params.patch_size is not None:
+        if model_params.pretrained and spec["image"].get("pretrained") and model_params.patch_size != spec["image"]["patch_size"]:
+            raise ParamsError(f"model.patch_size={model_params.patch_size}: the pretrained image tower of preset "
+                              f"{model_params.preset} has patch size {spec['image']['patch_size']}")
+        spec = {**spec, "image": {**spec["image"], "patch_size": model_params.patch_size}}
     vision = VisionTower(
         spec["image"], image_size=image_size, pretrained=model_params.pretrained,
         weights=model_params.image_weights, drop_path=model_params.drop_path, masking=model_params.image_masking,
@@ -76,11 +101,20 @@ def create_model(model_params: ModelParams, *, image_size: int, vocab_size: int,
         raise ParamsError(f"model preset {model_params.preset}: text_layers={n_text} must split {n_layers} BERT layers")
     layers = list(bert.encoder.layer)
     text = TextTower(bert.embeddings, layers[:n_text])
-    fusion = MergedFusion(layers[n_text:], vision.width, config.hidden_size, eps=config.layer_norm_eps)
+    fusion = MergedFusion(layers[n_text:], vision.width, config.hidden_size, vision.num_patches,
+                          fusion_cls=model_params.itm_state != "text_cls", image_cls=model_params.fusion_image_cls,
+                          eps=config.layer_norm_eps)
     cfg = vision.vit.pretrained_cfg
-    return DMPModel(
+    width = mim_dim(vision.width) if callable(mim_dim) else mim_dim
+    model = DMPModel(
         vision, text, fusion, config,
         embed_dim=model_params.embed_dim or spec["embed_dim"],
         mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))), std=tuple(cfg.get("std", (0.5, 0.5, 0.5))),
-        preset=model_params.preset,
+        preset=model_params.preset, itm_state=model_params.itm_state, itm_head=model_params.itm_head, mim_dim=width,
     )
+    source = getattr(bert, "dmp_source", None)
+    if source is not None:  # a pretrained text tower: its MLM transform too, when the checkpoint has one
+        head = load_mlm_head_state(source)
+        if head is not None:
+            model.mlm_head.load_state_dict(head, strict=True)
+    return model

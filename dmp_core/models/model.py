@@ -1,5 +1,7 @@
-"""DMPModel: image tower + text tower + merged fusion + retrieval and MLM heads."""
+"""DMPModel: image tower + text tower + merged fusion + retrieval, MLM and MIM heads."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from torch import nn
 from transformers import BertConfig
 
 from dmp_core.models.fusion import MergedFusion
-from dmp_core.models.heads import MLMHead
+from dmp_core.models.heads import MLMHead, bert_init
 from dmp_core.models.text import TextTower
 from dmp_core.models.vision import VisionTower
 
@@ -16,22 +18,47 @@ TEMP_INIT, TEMP_MIN, TEMP_MAX = 0.07, 0.001, 0.5
 
 class DMPModel(nn.Module):
     """The model API of docs/ARCHITECTURE.md. Images enter as uint8 and go through
-    ``preprocess`` (the image tower's normalisation); texts as WordPiece ids + 0/1 mask."""
+    ``preprocess`` (the image tower's normalisation); texts as WordPiece ids + 0/1 mask.
+
+    ``itm_state`` names the fused pair state the ITM head reads: ``text_cls`` (the fused
+    text [CLS], ALBEF/BLIP), ``fusion_cls`` (the fusion [CLS] query) or ``concat`` (both);
+    ``itm_head`` is ``linear`` (ALBEF) or ``mlp`` (Linear-GELU-Linear).
+    ``mim_dim`` builds the MIM head (one linear layer on joint patch states, SimMIM's
+    "lightweight head") when the pretraining objective has MIM; it lives in the model so
+    that evaluation can measure whether MIM uses the text (the text-use gap)."""
 
     def __init__(self, vision: VisionTower, text: TextTower, fusion: MergedFusion, bert_config: BertConfig,
-                 *, embed_dim: int, mean: tuple[float, ...], std: tuple[float, ...], preset: str) -> None:
+                 *, embed_dim: int, mean: tuple[float, ...], std: tuple[float, ...], preset: str,
+                 itm_state: str = "text_cls", itm_head: str = "mlp", mim_dim: Optional[int] = None) -> None:
         super().__init__()
+        if itm_state not in ("text_cls", "fusion_cls", "concat"):
+            raise ValueError(f"model.itm_state: unknown state {itm_state!r}")
         self.preset = preset
+        self.itm_state = itm_state
         self.vision, self.text, self.fusion = vision, text, fusion
         self.image_dim, self.text_dim, self.embed_dim = vision.width, text.width, embed_dim
         self.vocab_size = bert_config.vocab_size
         self.image_proj = nn.Linear(self.image_dim, embed_dim)
         self.text_proj = nn.Linear(self.text_dim, embed_dim)
         self.temp = nn.Parameter(torch.tensor(TEMP_INIT))
-        self.itm_head = nn.Linear(self.text_dim, 2)
+        pair_dim = self.text_dim * (2 if itm_state == "concat" else 1)
+        if itm_head == "linear":
+            self.itm_head: nn.Module = nn.Linear(pair_dim, 2)
+        elif itm_head == "mlp":
+            self.itm_head = nn.Sequential(nn.Linear(pair_dim, pair_dim), nn.GELU(), nn.Linear(pair_dim, 2))
+        else:
+            raise ValueError(f"model.itm_head: unknown head {itm_head!r}")
         self.mlm_head = MLMHead(bert_config)
+        self.mim_head = nn.Linear(self.text_dim, mim_dim) if mim_dim else None
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # every fresh module gets BERT's N(0, 0.02) init (the towers keep theirs)
+        for module in (self.image_proj, self.text_proj, self.itm_head, self.mlm_head, self.mim_head,
+                       self.fusion.image_proj, self.fusion.type_embeddings):
+            if module is not None:
+                bert_init(module)
+        if self.fusion.cls is not None:
+            nn.init.normal_(self.fusion.cls, std=0.02)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -47,8 +74,29 @@ class DMPModel(nn.Module):
         return self.vision.grid_size
 
     @property
+    def layout(self):
+        """Where patches and tokens sit in the fused sequence (:class:`JointLayout`)."""
+        return self.fusion.layout
+
+    # ------------------------------------------------------------------ temperature
+    @property
     def temperature(self) -> torch.Tensor:
-        return self.temp.clamp(TEMP_MIN, TEMP_MAX)
+        """The ITC temperature. It is clamped *in place* after each optimiser step
+        (:meth:`clamp_temperature_`, as ALBEF), not here, so its gradient never vanishes."""
+        return self.temp
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that take no weight decay besides biases and norms: CLS,
+        mask, position and type tokens, and the temperature."""
+        names = {"temp"}
+        names |= {f"vision.{n}" for n in self.vision.no_weight_decay()}
+        names |= {f"fusion.{n}" for n in self.fusion.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        return names
 
     # ------------------------------------------------------------------ encoders
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -80,19 +128,34 @@ class DMPModel(nn.Module):
     def text_embed(self, text_states: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_features(text_states).float(), dim=-1)
 
+    def pair_state(self, joint: torch.Tensor) -> torch.Tensor:
+        """The fused pair state [B, D] (or [B, 2D] for ``concat``) read by the ITM head."""
+        text_cls = self.layout.tokens(joint)[:, 0]
+        if self.itm_state == "text_cls":
+            return text_cls
+        if self.itm_state == "fusion_cls":
+            return joint[:, 0]
+        return torch.cat([joint[:, 0], text_cls], dim=-1)
+
     def itm_logits(self, joint: torch.Tensor) -> torch.Tensor:
         """J [B, S, Dt] -> [B, 2]; column 1 is the match logit."""
-        return self.itm_head(joint[:, 0])
+        return self.itm_head(self.pair_state(joint))
 
     def mlm_logits(self, token_states: torch.Tensor) -> torch.Tensor:
         """Joint (or text) token states [..., Dt] -> vocabulary logits [..., V]."""
         return self.mlm_head(token_states, self.text.embeddings.word_embeddings.weight)
 
-    def parameter_counts(self) -> dict[str, int]:
-        def count(*modules: nn.Module) -> int:
-            return sum(p.numel() for m in modules for p in m.parameters())
+    def mim_predictions(self, joint: torch.Tensor) -> torch.Tensor:
+        """J -> MIM predictions at every patch [B, N, mim_dim] (the loss keeps masked ones)."""
+        if self.mim_head is None:
+            raise ValueError(f"model preset {self.preset}: built without a MIM head (objective has no MIM)")
+        return self.mim_head(self.layout.patches(joint))
 
-        heads = count(self.image_proj, self.text_proj, self.itm_head, self.mlm_head) + self.temp.numel()
+    def parameter_counts(self) -> dict[str, int]:
+        def count(*modules: Optional[nn.Module]) -> int:
+            return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+        heads = count(self.image_proj, self.text_proj, self.itm_head, self.mlm_head, self.mim_head) + self.temp.numel()
         parts = {"image_tower": count(self.vision), "text_tower": count(self.text),
                  "fusion": count(self.fusion), "heads": heads}
         parts["total"] = count(self)

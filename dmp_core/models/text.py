@@ -32,6 +32,37 @@ def _resolve_source(source: str) -> str:
     return source
 
 
+MLM_PREFIX = "cls.predictions."  # BertForMaskedLM / BertForPreTraining checkpoint names
+
+
+def load_mlm_head_state(source: str) -> Optional[dict[str, torch.Tensor]]:
+    """The pretrained MLM prediction head (transform dense + LayerNorm, output bias) of a
+    BERT checkpoint, as ``{"transform.dense.weight": ..., "bias": ...}``, or None when the
+    checkpoint has none (e.g. sentence-embedding models such as all-MiniLM-L6-v2, whose
+    package ships a bare BertModel). ``source``: hub id, package folder or local dir."""
+    from transformers.utils import cached_file
+
+    folder = _resolve_source(source)
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            path = cached_file(folder, filename, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            path = None
+        if not path:
+            continue
+        if filename.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as fh:
+                state = {k[len(MLM_PREFIX):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(MLM_PREFIX)}
+        else:
+            full = torch.load(path, map_location="cpu", weights_only=True)
+            state = {k[len(MLM_PREFIX):]: v for k, v in full.items() if k.startswith(MLM_PREFIX)}
+        state = {k: v for k, v in state.items() if k.startswith("transform.") or k == "bias"}
+        return state or None
+    return None
+
+
 def load_bert(spec: dict[str, Any], *, vocab_size: int, pretrained: bool, weights: Optional[str]) -> BertModel:
     """A full BertModel: pretrained (hub id, package folder or local dir) or random with the preset's shape."""
     source = weights if (pretrained and weights) else (spec.get("pretrained") if pretrained else None)
@@ -58,6 +89,7 @@ def load_bert(spec: dict[str, Any], *, vocab_size: int, pretrained: bool, weight
             f"model text tower {source}: vocabulary {bert.config.vocab_size} != data vocab_size {vocab_size} "
             "(data.tokenizer must match the pretrained text tower)"
         )
+    bert.dmp_source = source  # where the MLM head (if any) is read from
     return bert
 
 
@@ -69,6 +101,10 @@ class TextTower(nn.Module):
         self.embeddings = embeddings
         self.layers = nn.ModuleList(layers)
         self.width = embeddings.word_embeddings.embedding_dim
+
+    def no_weight_decay(self) -> set[str]:
+        """Position and token-type embeddings take no weight decay (word embeddings do)."""
+        return {"embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(input_ids=input_ids)

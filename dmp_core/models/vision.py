@@ -39,8 +39,8 @@ class VisionTower(nn.Module):
         name = source if (load["pretrained"] and source and weights is None) else spec["arch"]
         try:
             self.vit = timm.create_model(
-                name, img_size=image_size, num_classes=0, global_pool="", drop_path_rate=drop_path,
-                **spec.get("overrides", {}), **load,
+                name, img_size=image_size, patch_size=spec["patch_size"], num_classes=0, global_pool="",
+                drop_path_rate=drop_path, **spec.get("overrides", {}), **load,
             )
         except (OSError, RuntimeError, ValueError) as err:  # missing/mismatched weights, no network
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -54,6 +54,11 @@ class VisionTower(nn.Module):
         self.masking = masking
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that take no weight decay: timm's own
+        list (position embedding, CLS token) and the mask token."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()} | {"mask_token"}
 
     def forward(self, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         vit = self.vit

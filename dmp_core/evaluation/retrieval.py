@@ -111,7 +111,7 @@ class RetrievalSplit:
     @classmethod
     def from_prepared(cls, prepared_dir: str | Path, split: str) -> "RetrievalSplit":
         """Read ``<prepared_dir>/<split>/`` as written by the preprocess stage (validated by PairDataset)."""
-        from dmp_core.data.dataset import PairDataset
+        from dmp_core.training.dataset import PairDataset
 
         dataset = PairDataset(prepared_dir, split)  # checks files, caption ids, every image captioned
         folder = dataset.split_dir
@@ -184,14 +184,25 @@ def encode_split(model: torch.nn.Module, data: RetrievalSplit, batch_size: int, 
 def itm_scores(
     model: torch.nn.Module, enc: EncodedSplit, image_idx: torch.Tensor, text_idx: torch.Tensor, itm_batch_size: int
 ) -> torch.Tensor:
-    """ITM match logits (column 1) of the fused pairs (image_idx[p], text_idx[p]), in batches."""
+    """ITM match logits (column 1) of the fused pairs (image_idx[p], text_idx[p]), in batches.
+
+    Pairs are grouped by caption length and each batch is cut to its longest caption: with
+    the additive padding mask, padding never changes a real token's state, so this only
+    saves the fusion work on padding (captions average ~14 of 32 tokens here)."""
     out = torch.empty(len(image_idx), dtype=torch.float32)
+    if len(image_idx) == 0:
+        return out
     dtype = next(model.parameters()).dtype
-    for start in range(0, len(image_idx), itm_batch_size):
-        im = image_idx[start : start + itm_batch_size].to(enc.image_states.device)
-        tx = text_idx[start : start + itm_batch_size].to(enc.text_states.device)
-        joint = model.fuse(enc.image_states[im].to(dtype), enc.text_states[tx].to(dtype), enc.text_mask[tx])
-        out[start : start + len(im)] = model.itm_logits(joint)[:, 1].float().cpu()
+    lengths = enc.text_mask.sum(dim=1).cpu()
+    order = torch.argsort(lengths[text_idx.cpu()], descending=True, stable=True)
+    for start in range(0, len(order), itm_batch_size):
+        rows = order[start : start + itm_batch_size]
+        im = image_idx[rows].to(enc.image_states.device)
+        tx = text_idx[rows].to(enc.text_states.device)
+        width = int(lengths[tx.cpu()].max())
+        joint = model.fuse(enc.image_states[im].to(dtype), enc.text_states[tx, :width].to(dtype),
+                           enc.text_mask[tx, :width])
+        out[rows] = model.itm_logits(joint)[:, 1].float().cpu()
     return out
 
 
@@ -209,27 +220,34 @@ def rerank(
 ) -> tuple[np.ndarray, np.ndarray]:
     """ITM scores on the top-``k_test`` ITC candidates of every query; ``-100`` elsewhere.
 
-    Returns (i2t [images, texts], t2i [texts, images]). Queries are handled
-    ``chunk_size`` at a time so that only one chunk of candidate indices lives in memory.
-    """
+    Returns (i2t [images, texts], t2i [texts, images]). A pair that is a candidate in both
+    directions (every gold pair of a good model) is fused once. Candidates are chosen
+    ``chunk_size`` queries at a time."""
     n_images, n_texts = sim_i2t.shape
-    i2t = np.full((n_images, n_texts), NOT_RERANKED, dtype=np.float32)
-    t2i = np.full((n_texts, n_images), NOT_RERANKED, dtype=np.float32)
     sim = torch.from_numpy(sim_i2t)
-
+    pair_ids = []  # image * n_texts + text
     k = min(k_test, n_texts)
     for start in range(0, n_images, chunk_size):
         top = sim[start : start + chunk_size].topk(k, dim=1).indices  # [c, k] texts
         images = torch.arange(start, start + len(top)).repeat_interleave(k)
-        scores = itm_scores(model, enc, images, top.reshape(-1), itm_batch_size)
-        i2t[images.numpy(), top.reshape(-1).numpy()] = scores.numpy()
-
+        i2t_pairs = images * n_texts + top.reshape(-1)
+        pair_ids.append(i2t_pairs)
+    n_i2t = sum(len(p) for p in pair_ids)
     k = min(k_test, n_images)
     for start in range(0, n_texts, chunk_size):
         top = sim[:, start : start + chunk_size].T.topk(k, dim=1).indices  # [c, k] images
         texts = torch.arange(start, start + len(top)).repeat_interleave(k)
-        scores = itm_scores(model, enc, top.reshape(-1), texts, itm_batch_size)
-        t2i[texts.numpy(), top.reshape(-1).numpy()] = scores.numpy()
+        pair_ids.append(top.reshape(-1) * n_texts + texts)
+    all_pairs = torch.cat(pair_ids)
+    unique, inverse = torch.unique(all_pairs, return_inverse=True)
+    scores = itm_scores(model, enc, unique // n_texts, unique % n_texts, itm_batch_size)[inverse].numpy()
+
+    i2t = np.full((n_images, n_texts), NOT_RERANKED, dtype=np.float32)
+    t2i = np.full((n_texts, n_images), NOT_RERANKED, dtype=np.float32)
+    pairs = all_pairs.numpy()
+    img, txt = pairs // n_texts, pairs % n_texts
+    i2t[img[:n_i2t], txt[:n_i2t]] = scores[:n_i2t]
+    t2i[txt[n_i2t:], img[n_i2t:]] = scores[n_i2t:]
     return i2t, t2i
 
 
@@ -287,7 +305,7 @@ def pick_device() -> torch.device:
 
 
 def read_vocab_size(prepared_dir: str | Path) -> int:
-    from dmp_core.data.dataset import read_meta
+    from dmp_core.training.dataset import read_meta
 
     try:
         return int(read_meta(prepared_dir)["vocab_size"])
@@ -297,21 +315,31 @@ def read_vocab_size(prepared_dir: str | Path) -> int:
 
 def load_model(cfg: Config, weights: str | Path, vocab_size: int, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the configured DMPModel (without downloading/pretrained init) and load ``weights``."""
-    from dmp_core.models import create_model, load_weights
+    from dmp_core.models import load_weights, model_from_config
 
-    model = create_model(cfg.model.model_copy(update={"pretrained": False}), image_size=cfg.data.image_size, vocab_size=vocab_size)
+    model = model_from_config(cfg, vocab_size, pretrained=False)
     load_weights(model, weights, missing_hint="run the training stage first")
     return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------ MLflow
-def log_to_mlflow(cfg: Config, metrics: Mapping[str, Mapping[str, float]], reports_dir: str | Path, split: str) -> list[str]:
-    """Add each model's metrics to its training run (id from ``reports/<stage>/run.json``).
+def mlflow_values(entry: Mapping[str, Any]) -> dict[str, float]:
+    """One model's details entry as flat MLflow metric names: ``itm_r_mean``,
+    ``itc_tr_r1``, ``diag_itm_auc``, ``diag_image_use_gap`` ... (None values left out)."""
+    values = {f"{scorer}_{k}": v for scorer in ("itm", "itc") for k, v in entry[scorer].items()}
+    values |= {f"diag_{k}": v for k, v in entry.get("diagnostics", {}).items()}
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
+
+
+def log_to_mlflow(cfg: Config, details: Mapping[str, Any], reports_dir: str | Path, split: str) -> list[str]:
+    """Add each model's metrics and diagnostics to its training run (id from
+    ``reports/<stage>/run.json``) as ``<split>_<name>``.
 
     Returns one line per model saying what was done (printed by the stage)."""
     lines = []
     reports_dir = Path(reports_dir)
-    for stage, values in metrics.items():
+    for stage, entry in details["models"].items():
+        values = mlflow_values(entry)
         run_json = reports_dir / stage / "run.json"
         if not run_json.is_file():
             lines.append(f"mlflow: {run_json} absent, {stage} metrics not logged to MLflow")
@@ -332,6 +360,30 @@ def log_to_mlflow(cfg: Config, metrics: Mapping[str, Mapping[str, float]], repor
 
 
 # ----------------------------------------------------------------------- the stage
+HEADLINE_SCORER = "itm"  # the ALBEF protocol: ITC top-k candidates re-ranked by ITM
+METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
+
+
+def headline_metrics(details: Mapping[str, Any]) -> dict[str, Any]:
+    """The small ``metrics.json`` that `dvc exp show` lists (12 numbers, to keep the table
+    readable): finetuned recall (headline scorer) with its ITC-only R mean, the zero-shot
+    ITC R mean, and the fusion diagnostics the comparison depends on. Everything else is
+    in ``details.json``."""
+    models = details["models"]
+    out: dict[str, Any] = {}
+    if "finetune" in models:
+        ft = models["finetune"]
+        out["finetune"] = {k: ft[HEADLINE_SCORER][k] for k in METRIC_KEYS} | {"itc_r_mean": ft["itc"]["r_mean"]}
+    if "pretrain" in models:  # zero-shot: ITC, the first-stage ranking every variant has
+        out["pretrain"] = {"itc_r_mean": models["pretrain"]["itc"]["r_mean"]}
+    diags = {}
+    for name, key in (("finetune", "itm_auc"), ("pretrain", "image_use_gap"), ("pretrain", "text_use_gap")):
+        if name in models:
+            diags[f"{name}_{key}"] = models[name]["diagnostics"].get(key)
+    out["diagnostics"] = diags
+    return out
+
+
 def run_evaluate(
     cfg: Config,
     prepared_dir: str | Path,
@@ -341,50 +393,90 @@ def run_evaluate(
     out_dir: str | Path | None = None,
     device: torch.device | str | None = None,
     log_mlflow: bool = True,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, Any]:
     """Evaluate each named model (e.g. ``{"pretrain": ..., "finetune": ...}``) on ``eval.split``.
 
-    Writes ``<out_dir>/metrics.json`` (``{model: {itm_tr_r1: ..., itc_ir_r5: ...}}``) and
-    ``<out_dir>/scores.npz``: the last model's matrices as ``i2t``, ``t2i``, ``itc_i2t``,
-    ``itc_t2i``, every model's as ``<model>_i2t`` etc., and ``txt2img``.
-    ``out_dir`` defaults to ``<reports_dir>/evaluate``; ``reports_dir`` also holds the
-    ``<stage>/run.json`` files whose MLflow runs receive the metrics.
-    """
+    Writes to ``<out_dir>`` (default ``<reports_dir>/evaluate``):
+
+    * ``details.json``: the split (dataset, size, image size), the exact chance level,
+      every recall of both scorers and the diagnostics of every model;
+    * ``metrics.json``: the headline subset (:func:`headline_metrics`), the DVC metric;
+    * ``ranks.npz``: per-query ranks ``<model>_<scorer>_tr`` [images] and ``_ir``
+      [texts] plus ``txt2img`` (small; the report's paired bootstrap reads them);
+    * ``scores.npz``: the score matrices (``<model>_i2t`` ...; the last model's also as
+      ``i2t``, ``t2i``, ``itc_i2t``, ``itc_t2i``) and ``txt2img``.
+
+    ``reports_dir`` holds the ``<stage>/run.json`` files whose MLflow runs receive the
+    metrics. Returns the details dict."""
+    from dmp_core.evaluation.diagnostics import itm_auc, modality_gaps
+    from dmp_core.training.dataset import read_meta
+    from dmp_core.training.masking import SpecialTokens
+    from dmp_core.stats import chance_recall
+
     if not models:
         raise DataError("run_evaluate: no models to evaluate")
+    start = time.perf_counter()
     device = torch.device(device) if device is not None else pick_device()
     out_dir = Path(out_dir) if out_dir is not None else Path(reports_dir) / "evaluate"
     data = RetrievalSplit.from_prepared(prepared_dir, cfg.eval.split)
     vocab_size = read_vocab_size(prepared_dir)
+    special = SpecialTokens.from_meta(read_meta(prepared_dir))
     torch.manual_seed(cfg.seed)
+    txt2img = np.asarray(data.txt2img, dtype=np.int64)
+    img2txt = img2txt_from_txt2img(txt2img, data.n_images)
 
-    metrics: dict[str, dict[str, float]] = {}
+    details: dict[str, Any] = {
+        "split": {"dataset": cfg.data.name, "name": cfg.eval.split, "image_size": cfg.data.image_size,
+                  "images": data.n_images, "texts": data.n_texts},
+        "k_test": cfg.eval.k_test,
+        "headline_scorer": HEADLINE_SCORER,
+        "chance": chance_recall(txt2img),
+        "models": {},
+    }
     arrays: dict[str, np.ndarray] = {}
+    ranks: dict[str, np.ndarray] = {"txt2img": txt2img}
     last: dict[str, np.ndarray] = {}
     for name, weights in models.items():
         model = load_model(cfg, weights, vocab_size, device)
-        scores = compute_scores(
-            model, data, cfg.eval.k_test, cfg.eval.batch_size, cfg.eval.itm_batch_size, device, chunk_size=cfg.eval.chunk_size
-        )
-        metrics[name] = metrics_from_scores(scores)
-        for key in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
-            arrays[f"{name}_{key}"] = scores[key]
+        data_enc = encode_split(model, data, cfg.eval.batch_size, device)
+        itc_i2t = itc_similarity(data_enc, cfg.eval.chunk_size)
+        i2t, t2i = rerank(model, data_enc, itc_i2t, cfg.eval.k_test, cfg.eval.itm_batch_size, cfg.eval.chunk_size)
+        scores = {"i2t": i2t, "t2i": t2i, "itc_i2t": itc_i2t, "itc_t2i": np.ascontiguousarray(itc_i2t.T)}
+        entry: dict[str, Any] = {}
+        for scorer, (a, b) in {"itm": ("i2t", "t2i"), "itc": ("itc_i2t", "itc_t2i")}.items():
+            entry[scorer] = retrieval_metrics(scores[a], scores[b], txt2img, img2txt)
+            tr, ir = retrieval_ranks(scores[a], scores[b], txt2img, img2txt)
+            ranks[f"{name}_{scorer}_tr"], ranks[f"{name}_{scorer}_ir"] = tr.astype(np.int32), ir.astype(np.int32)
+        diag = itm_auc(model, data_enc, itc_i2t, txt2img, k=cfg.eval.k_test, n_queries=cfg.eval.diag_queries,
+                       itm_batch_size=cfg.eval.itm_batch_size, input_ids=data.input_ids)
+        diag.update(modality_gaps(model, data, cfg, special))
+        entry["diagnostics"] = diag
+        details["models"][name] = entry
+        for key, value in scores.items():
+            arrays[f"{name}_{key}"] = value
         last = scores
-        del model
-    arrays.update({key: last[key] for key in ("i2t", "t2i", "itc_i2t", "itc_t2i", "txt2img")})
+        del model, data_enc
+    arrays.update(last)
+    arrays["txt2img"] = txt2img
+    details["eval_seconds"] = round(time.perf_counter() - start, 1)
 
     save_npz(out_dir / "scores.npz", **arrays)
-    write_json(out_dir / "metrics.json", metrics)
+    save_npz(out_dir / "ranks.npz", **ranks)
+    write_json(out_dir / "details.json", details)
+    write_json(out_dir / "metrics.json", headline_metrics(details))
     if log_mlflow:
-        for line in log_to_mlflow(cfg, metrics, reports_dir, cfg.eval.split):
+        for line in log_to_mlflow(cfg, details, reports_dir, cfg.eval.split):
             print(line, flush=True)
-    return metrics
+    return details
 
 
-def summary_line(metrics: Mapping[str, Mapping[str, float]]) -> Iterable[str]:
-    for name, values in metrics.items():
+def summary_line(details: Mapping[str, Any]) -> Iterable[str]:
+    for name, entry in details["models"].items():
+        itm, itc, diag = entry["itm"], entry["itc"], entry["diagnostics"]
+        gap = diag.get("text_use_gap")
         yield (
-            f"{name}: ITM TR R@1/5/10 {values['itm_tr_r1']:.1f}/{values['itm_tr_r5']:.1f}/{values['itm_tr_r10']:.1f}"
-            f"  IR {values['itm_ir_r1']:.1f}/{values['itm_ir_r5']:.1f}/{values['itm_ir_r10']:.1f}"
-            f"  (ITC r_mean {values['itc_r_mean']:.1f})"
+            f"{name}: ITM TR R@1/5/10 {itm['tr_r1']:.1f}/{itm['tr_r5']:.1f}/{itm['tr_r10']:.1f}"
+            f"  IR {itm['ir_r1']:.1f}/{itm['ir_r5']:.1f}/{itm['ir_r10']:.1f}  R mean {itm['r_mean']:.1f}"
+            f" (ITC {itc['r_mean']:.1f}); ITM AUC {diag['itm_auc']:.3f}, image-use gap "
+            f"{diag['image_use_gap']:.3f} nats" + (f", text-use gap {gap:.4f}" if gap is not None else "")
         )

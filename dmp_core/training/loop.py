@@ -38,11 +38,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from dmp_core.checkpoint import Checkpointer, make_fingerprint, run_params
+from dmp_core.training.checkpoint import Checkpointer, make_fingerprint, run_params
 from dmp_core.config import Config, TrainParams
 from dmp_core.errors import DataError, TrainingError
 from dmp_core.io import atomic_path, write_json
-from dmp_core.schedule import build_optimizer, build_scheduler
+from dmp_core.training.schedule import build_optimizer, build_scheduler
 
 STAGES = ("pretrain", "finetune")
 # metrics.json keys that measure the machine, not the run (differ between identical runs)
@@ -181,7 +181,7 @@ def target_kinds(cfg: Config, stage: str) -> tuple[str, ...]:
 # ============================================================== validation recall
 def itc_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt2img: np.ndarray) -> dict[str, float]:
     """TR/IR recall@1/5/10 (percent), their means and ``r_mean`` from ITC similarity."""
-    from dmp_core.evaluate import img2txt_from_txt2img, retrieval_metrics
+    from dmp_core.evaluation.retrieval import img2txt_from_txt2img, retrieval_metrics
 
     sim = (img_emb.float() @ txt_emb.float().T).cpu().numpy()
     return retrieval_metrics(sim, sim.T, txt2img, img2txt_from_txt2img(txt2img, sim.shape[0]))
@@ -189,23 +189,31 @@ def itc_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt2img: np.ndarray
 
 @torch.inference_mode()
 def val_recall(model: torch.nn.Module, split: Any, batch_size: int, device: torch.device,
-               autocast: Any) -> dict[str, float]:
-    """Encode the val images and captions once (embeddings only) and score ITC recall."""
+               autocast: Any, *, k: int = 16, auc_queries: int = 100, gap_pairs: int = 0,
+               mask_ratio: float = 0.4, special: Any = None) -> dict[str, float]:
+    """Encode the val images and captions once: ITC recall of the whole split, the ITM
+    ROC-AUC (gold pairs vs ITC top-``k`` candidates) on ``auc_queries`` images and, with
+    ``gap_pairs``, the image-use gap of MLM on that many pairs, so the curves show when the
+    fusion starts to use the image."""
+    from dmp_core.evaluation.diagnostics import image_use_gap, itm_auc
+    from dmp_core.evaluation.retrieval import encode_split, itc_similarity
+
     was_training = model.training
     model.eval()
-    img_emb, txt_emb = [], []
-    with autocast:
-        for start in range(0, split.n_images, batch_size):
-            images = torch.from_numpy(np.array(split.images[start:start + batch_size]))  # a copy: memmaps are read-only
-            images = model.preprocess(images.permute(0, 3, 1, 2).to(device))
-            img_emb.append(model.image_embed(model.encode_image(images)).float())
-        for start in range(0, split.n_texts, batch_size):
-            rows = slice(start, start + batch_size)
-            ids = torch.from_numpy(np.asarray(split.input_ids[rows], dtype=np.int64)).to(device)
-            mask = torch.from_numpy(np.asarray(split.attention_mask[rows], dtype=np.int64)).to(device)
-            txt_emb.append(model.text_embed(model.encode_text(ids, mask)).float())
-    model.train(was_training)
-    return itc_recall(torch.cat(img_emb), torch.cat(txt_emb), np.asarray(split.txt2img))
+    try:
+        with autocast:
+            enc = encode_split(model, split, batch_size, device)
+            sim = itc_similarity(enc)
+            txt2img = np.asarray(split.txt2img)
+            out = itc_recall(enc.image_emb, enc.text_emb, txt2img)
+            out["itm_auc"] = itm_auc(model, enc, sim, txt2img, k=k, n_queries=auc_queries,
+                                     input_ids=split.input_ids)["itm_auc"]
+            if gap_pairs:
+                out["image_use_gap"] = image_use_gap(model, split, n_pairs=gap_pairs, mask_ratio=mask_ratio,
+                                                     special=special)["image_use_gap"]
+    finally:
+        model.train(was_training)
+    return out
 
 
 # ============================================================== small helpers
@@ -275,11 +283,11 @@ def run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_d
 def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_dir: str | Path | None,
                   out_dir: str | Path, reports_dir: str | Path, init_weights: str | Path | None,
                   upstream_run: str | Path | None, progress: Optional[bool]) -> dict[str, Any]:
-    from dmp_core.data.dataset import PairDataset, read_meta
-    from dmp_core.evaluate import RetrievalSplit
-    from dmp_core.meta_arch import create_pretrainer
-    from dmp_core.models import create_model, load_weights
-    from dmp_core.tracking import NullTracker, Tracker, read_run_json, write_run_json
+    from dmp_core.training.dataset import PairDataset, read_meta
+    from dmp_core.evaluation.retrieval import RetrievalSplit
+    from dmp_core.training.meta_arch import create_pretrainer
+    from dmp_core.models import load_weights, model_from_config
+    from dmp_core.tracking import NullTracker, Tracker, close_orphan_run, read_run_json, write_run_json
 
     train = train_params(cfg, stage)
     prepared_dir, out_dir, reports_dir = Path(prepared_dir), Path(out_dir), Path(reports_dir)
@@ -291,13 +299,11 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     # ---------------------------------------------------------------- model
     seed_everything(cfg.seed)  # identical initial weights on every rank
     meta = read_meta(prepared_dir)
-    model_params = cfg.model
-    if init_weights is not None:  # pretrained towers would be overwritten anyway
-        model_params = model_params.model_copy(update={"pretrained": False})
-    model = create_model(model_params, image_size=cfg.data.image_size, vocab_size=int(meta["vocab_size"]))
+    # with init_weights the pretrained towers would be overwritten anyway: skip loading them
+    model = model_from_config(cfg, int(meta["vocab_size"]), pretrained=False if init_weights is not None else None)
     if init_weights is not None:
         load_weights(model, init_weights, missing_hint="run the pretrain stage first")
-    pretrainer = create_pretrainer(cfg, stage, model, meta=meta).to(device)
+    pretrainer = create_pretrainer(cfg, stage, model, meta=meta, world_size=ddp_info.world_size).to(device)
 
     # ---------------------------------------------------------------- data
     dataset = PairDataset(prepared_dir, "train", targets_dir=targets_dir, target_kinds=target_kinds(cfg, stage),
@@ -316,9 +322,9 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     val_split = RetrievalSplit.from_prepared(prepared_dir, "val") if main else None
 
     steps_per_epoch = sampler.steps_per_epoch
-    total_steps = train.epochs * steps_per_epoch
-    if train.max_steps is not None:
-        total_steps = min(total_steps, train.max_steps)
+    # `steps`: that many optimiser steps whatever the data size (epochs repeat as needed);
+    # `epochs`: full passes (the incomplete last batch of each epoch is dropped)
+    total_steps = train.steps if train.steps is not None else train.epochs * steps_per_epoch
     val_every = train.val_every or steps_per_epoch
 
     # ---------------------------------------------------------------- optimiser
@@ -330,6 +336,13 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
                         make_fingerprint(cfg, stage, n_train=len(dataset), world_size=ddp_info.world_size,
                                          init_weights=init_weights),
                         run_params(cfg, stage))
+    # a run killed before its first checkpoint left its MLflow run RUNNING: end it as KILLED
+    # (its id is kept in the checkpoints folder, which DVC does not delete between runs)
+    run_record = ckpt.folder / "run.json"
+    if main and not ckpt.latest_path.is_file() and run_record.is_file():
+        message = close_orphan_run(run_record, cfg)
+        if message:
+            log(message)
     resume = ckpt.load(pretrainer)
     step, history, val_history = 0, [], []
     best = {"step": None, "r_mean": -math.inf}
@@ -344,7 +357,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
         if resume.done:
             log(f"{ckpt.latest_path} says this run is complete (step {step}); rewriting outputs")
             if main:
-                _write_outputs(ckpt, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
+                _write_outputs(ckpt, stage, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
                                st["pairs_per_s"], elapsed_before, st["peak_rss_mb"])
                 write_json(reports_dir / "run.json", st["run_info"])
             ddp_info.barrier()
@@ -364,8 +377,9 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     bar = None
     if main and use_bar:
         bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
-    log(f"{len(dataset)} pairs, {steps_per_epoch} steps/epoch x {train.epochs} epochs = {total_steps} steps "
-        f"of {batch_pairs} pairs on {device} (world size {ddp_info.world_size})")
+    log(f"{len(dataset)} pairs, {steps_per_epoch} steps/epoch, {total_steps} steps "
+        f"({total_steps / steps_per_epoch:.2f} epochs) of {batch_pairs} pairs on {device} "
+        f"(world size {ddp_info.world_size})")
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
@@ -389,7 +403,10 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
 
     def validate() -> None:
         if main:
-            recall = val_recall(pretrainer.model, val_split, cfg.eval.batch_size, device, autocast)
+            recall = val_recall(pretrainer.model, val_split, cfg.eval.batch_size, device, autocast,
+                                k=cfg.eval.k_test, auc_queries=min(cfg.eval.diag_queries, 100),
+                                gap_pairs=min(cfg.eval.diag_pairs, 128),
+                                mask_ratio=cfg.objective.resolve().text_mask_ratio, special=pretrainer.special)
             val_history.append({"step": step, **recall})
             tracker.log_metrics({f"val_{k}": v for k, v in recall.items()}, step)
             improved = recall["r_mean"] > best["r_mean"]
@@ -397,7 +414,8 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
                 best.update(step=step, r_mean=recall["r_mean"])
                 ckpt.save_best(pretrainer.model)
             log(f"step {step}: val r_mean {recall['r_mean']:.2f} (tr {recall['tr_mean']:.2f}, "
-                f"ir {recall['ir_mean']:.2f})" + (" best" if improved else ""))
+                f"ir {recall['ir_mean']:.2f}), ITM AUC {recall['itm_auc']:.3f}, image-use gap "
+                f"{recall['image_use_gap']:.3f}" + (" best" if improved else ""))
         ddp_info.barrier()
 
     # ---------------------------------------------------------------- tracking
@@ -406,6 +424,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     if main:
         tracker = Tracker(cfg, stage, run_id=run_id, upstream_run_id=(upstream or {}).get("run_id"))
         write_run_json(reports_dir, tracker, stage=stage)
+        write_run_json(run_record.parent, tracker, stage=stage)  # for close_orphan_run after a kill
 
     # ---------------------------------------------------------------- train
     t_start = time.perf_counter()
@@ -443,9 +462,9 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
                     raise TrainingError(f"{stage}: non-finite {bad}={terms.get(bad, math.nan)} at step {step + 1} "
                                         f"(epoch {epoch}); last good checkpoint: {ckpt.last_checkpoint_name()}")
                 optimizer.step()
-                if hasattr(pretrainer, "update_ema"):
-                    pretrainer.update_ema()
+                pretrainer.model.clamp_temperature_()  # in place after the step (ALBEF)
                 step += 1
+                ema_decay = pretrainer.update_ema(step)
 
                 now = time.perf_counter()
                 pairs_seen += batch_pairs
@@ -453,6 +472,8 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
                 row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **terms,
                        "temperature": float(pretrainer.model.temperature.detach()),
                        "pairs_per_s": batch_pairs / max(now - t_last, 1e-9)}
+                if ema_decay is not None:
+                    row["ema_decay"] = ema_decay
                 history.append(row)
                 tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, step)
                 if bar is not None:
@@ -478,7 +499,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
         wall_time, peak = elapsed(), max(peak_rss_mb(), peak_before)
         save_checkpoint(done=True, wall_time=wall_time, peak=peak)
         if main:
-            metrics = _write_outputs(ckpt, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
+            metrics = _write_outputs(ckpt, stage, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
                                      pairs_seen / max(train_time, 1e-9), wall_time, peak)
             tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
             tracker.log_artifact(out_dir / "model.safetensors", "model")
@@ -495,16 +516,29 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
     return metrics if main else {}
 
 
-def _write_outputs(ckpt: Checkpointer, out_dir: Path, reports_dir: Path, history: list[dict], val_history: list[dict],
-                   best: dict, step: int, steps_per_epoch: int, pairs_per_s: float, wall_time: float,
-                   peak_rss: float) -> dict[str, Any]:
+def history_frame(history: list[dict], stage: str) -> pd.DataFrame:
+    """One row per step with EVERY loss column of the stage (empty where the run does not
+    use a term), so `dvc plots` can plot each term for every variant without warnings."""
+    from dmp_core.training.meta_arch import LOSS_TERMS
+
+    frame = pd.DataFrame(history)
+    for term in LOSS_TERMS[stage]:
+        if f"loss_{term}" not in frame:
+            frame[f"loss_{term}"] = np.nan
+    first = ["step", "epoch", "lr", "loss"] + [f"loss_{t}" for t in LOSS_TERMS[stage]]
+    return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
+
+
+def _write_outputs(ckpt: Checkpointer, stage: str, out_dir: Path, reports_dir: Path, history: list[dict],
+                   val_history: list[dict], best: dict, step: int, steps_per_epoch: int, pairs_per_s: float,
+                   wall_time: float, peak_rss: float) -> dict[str, Any]:
     """``model.safetensors`` (best val weights), ``history.csv``, ``val_history.csv``, ``metrics.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.safetensors") as tmp:
         shutil.copyfile(ckpt.best_path, tmp)
     reports_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(reports_dir / "history.csv") as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+        history_frame(history, stage).to_csv(tmp, index=False)
     with atomic_path(reports_dir / "val_history.csv") as tmp:
         pd.DataFrame(val_history).to_csv(tmp, index=False)
     final_val = val_history[-1]

@@ -10,6 +10,12 @@ One ``forward(batch)`` computes every active objective with no redundant passes:
   MIM/MRM and ``F(I,T~)`` for MLM/MRM -- goes through ONE fusion call;
 * the EMA model runs under no_grad, only when MRM or momentum-MIM needs it, and only
   as far as they need (image tower for momentum-MIM, the fused clean pair for MRM).
+
+The EMA decay warms up (timm ``ModelEmaV3(use_warmup=True)``): the k-th update uses
+``min(ema_alpha, 1 - k^-power)`` (the first copies the model), so that in a run of a
+few hundred steps the teacher is not still mostly its random initial weights (with a
+fixed 0.995 it keeps 0.995^100 = 61% of them after 100 steps); the decay of every step
+is logged (``ema_decay`` in history.csv).
 """
 from __future__ import annotations
 
@@ -20,12 +26,22 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from dmp_core.config import Config, ParamsError, ResolvedObjectives
-from dmp_core.distributed import gather_no_grad, gather_with_grad
+from dmp_core.training.distributed import gather_no_grad, gather_with_grad, global_max
 from dmp_core.losses import (itc_loss, itm_loss, mim_loss, mlm_loss, mrm_loss, mrm_targets, resolve_objectives,
                              sample_negatives, vicreg_loss)
-from dmp_core.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
+from dmp_core.training.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
 from dmp_core.models import DMPModel
 from dmp_core.models.heads import mlp_expander, mrm_predictor
+
+LOSS_TERMS = {"pretrain": ("itc", "itm", "mlm", "mim", "mrm", "vicreg"), "finetune": ("itc", "itm")}
+
+
+def vicreg_cov_floor(width: int, batch: int) -> float:
+    """The lowest value the VICReg covariance term (summed over the two branches) can
+    reach at unit variance: a covariance estimated from ``batch`` samples has rank
+    ``r <= batch - 1``, so ``sum_{i!=j} C_ij^2 / d >= d / r - 1`` for each branch."""
+    rank = max(1, batch - 1)
+    return 2.0 * max(0.0, width / rank - 1.0)
 
 FINETUNE_OBJECTIVES = ResolvedObjectives(
     variant="finetune", mrm=False, mim=False, mlm=False, itc=True, itm=True, vicreg=False, mim_target="none",
@@ -36,7 +52,8 @@ FINETUNE_OBJECTIVES = ResolvedObjectives(
 class Pretrainer(nn.Module):
     """``forward(batch) -> {"loss", "loss_<name>" per active objective (unweighted), "diag_*"}``."""
 
-    def __init__(self, cfg: Config, stage: str, model: DMPModel, special: SpecialTokens = SpecialTokens()) -> None:
+    def __init__(self, cfg: Config, stage: str, model: DMPModel, special: SpecialTokens = SpecialTokens(),
+                 world_size: int = 1) -> None:
         super().__init__()
         if stage not in ("pretrain", "finetune"):
             raise ParamsError(f"stage must be pretrain or finetune, got {stage!r}")
@@ -50,30 +67,24 @@ class Pretrainer(nn.Module):
         self.vicreg_coeffs = dict(sim_coeff=obj.vicreg_coeffs.sim_coeff, std_coeff=obj.vicreg_coeffs.std_coeff,
                                   cov_coeff=obj.vicreg_coeffs.cov_coeff)
         self.text_mask_rule = obj.text_mask_rule
-        self.targets_cfg = cfg.targets
+        self.cfg = cfg
+        self.terms = tuple(t for t in LOSS_TERMS[stage] if getattr(self.objectives, t))
 
-        self.mim_head: Optional[nn.Linear] = None
-        if o.mim:
-            self.mim_head = nn.Linear(model.text_dim, self._mim_target_dim(cfg, model))
+        if o.mim and model.mim_head is None:
+            raise ParamsError(f"objective has MIM but model preset {cfg.model.preset} was built without a MIM head "
+                              "(build it with dmp_core.models.model_from_config)")
         self.mrm_predictor = mrm_predictor(model.text_dim) if o.mrm else None
-        self.image_expander = mlp_expander(model.embed_dim, obj.vicreg_coeffs.expander_dim) if o.vicreg else None
-        self.text_expander = mlp_expander(model.embed_dim, obj.vicreg_coeffs.expander_dim) if o.vicreg else None
+        global_batch = getattr(cfg, stage).batch_size * world_size
+        self.expander_dim = obj.vicreg_coeffs.expander_dim or global_batch
+        self.cov_floor = vicreg_cov_floor(self.expander_dim, global_batch)
+        self.image_expander = mlp_expander(model.embed_dim, self.expander_dim) if o.vicreg else None
+        self.text_expander = mlp_expander(model.embed_dim, self.expander_dim) if o.vicreg else None
         self.ema: Optional[ModelEmaV3] = None
+        self.ema_decay = 0.0
         if o.needs_ema:
-            self.ema = ModelEmaV3(model, decay=obj.ema_alpha)
+            self.ema = ModelEmaV3(model, decay=obj.ema_alpha, use_warmup=obj.ema_warmup,
+                                  warmup_power=obj.ema_warmup_power)
             self.ema.module.requires_grad_(False)
-
-    def _mim_target_dim(self, cfg: Config, model: DMPModel) -> int:
-        kind = self.objectives.mim_target
-        if kind == "momentum":
-            return model.image_dim
-        patch = cfg.targets.patch
-        if patch != model.patch_size:
-            raise ParamsError(f"targets.patch={patch} must equal the model's patch size {model.patch_size} "
-                              f"(model.preset={cfg.model.preset}) for mim_target={kind}")
-        if kind == "hog":
-            return 3 * cfg.targets.hog.bins * (patch // cfg.targets.hog.cell) ** 2
-        return patch * patch * 3
 
     # ------------------------------------------------------------------ housekeeping
     def train(self, mode: bool = True) -> "Pretrainer":
@@ -83,10 +94,15 @@ class Pretrainer(nn.Module):
         return self
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """Call after each optimiser step; a no-op without an EMA model."""
-        if self.ema is not None:
-            self.ema.update(self.model)
+    def update_ema(self, step: int) -> Optional[float]:
+        """Call after optimiser step ``step`` (1-based); returns the decay used (None
+        without an EMA model). With the warm-up the decay is ``min(ema_alpha, 1 - step^-power)``
+        (0 at step 1: the teacher starts as a copy); without it, ``ema_alpha``."""
+        if self.ema is None:
+            return None
+        self.ema_decay = float(self.ema.get_decay(step))
+        self.ema.update(self.model, step=step)
+        return self.ema_decay
 
     # ------------------------------------------------------------------ the step
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,10 +110,13 @@ class Pretrainer(nn.Module):
         device = model.temp.device
         raw_images = batch["image"].to(device)
         images = model.preprocess(raw_images)
-        ids = batch["input_ids"].to(device)
-        attn = batch["attention_mask"].to(device)
+        # captions are right-padded to data.max_tokens: cut the batch to its longest caption
+        # (exact: padding never changes a real token's state), which saves text and fusion work
+        width = global_max(int(batch["attention_mask"].sum(dim=1).max()), device)  # equal on every rank
+        ids = batch["input_ids"][:, :width].to(device)
+        attn = batch["attention_mask"][:, :width].to(device)
         image_ids = batch["image_id"].to(device)
-        b, n = ids.shape[0], model.num_patches
+        b, layout = ids.shape[0], model.layout
         terms: dict[str, torch.Tensor] = {}
         diags: dict[str, torch.Tensor] = {"diag_temperature": model.temperature.detach()}
 
@@ -128,7 +147,7 @@ class Pretrainer(nn.Module):
         img_emb = txt_emb = None
         if o.itc:
             img_emb, txt_emb = model.image_embed(v), model.text_embed(t)
-            terms["itc"] = itc_loss(img_emb, txt_emb, image_ids, model.temperature)
+            terms["itc"] = itc_loss(img_emb, txt_emb, image_ids, model.temperature, texts=ids)
         elif o.itm_negatives == "vicreg":
             # without ITC the [CLS] projections are trained by VICReg (through the expanders)
             # and serve first-stage retrieval: ITM negatives come from their similarity
@@ -139,6 +158,7 @@ class Pretrainer(nn.Module):
                               self.text_expander(model.text_features(t)), **self.vicreg_coeffs)
             terms["vicreg"] = vic["loss"]
             diags.update({f"diag_vicreg_{k}": vic[k].detach() for k in ("sim", "std", "cov")})
+            diags["diag_vicreg_cov_floor"] = torch.tensor(self.cov_floor)
 
         # --- every fusion pass of the step in one call
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -154,7 +174,8 @@ class Pretrainer(nn.Module):
                     img, txt = img_emb.detach().float(), txt_emb.detach().float()
                     sim_i2t = img @ gather_no_grad(txt).t() / temp
                     sim_t2i = txt @ gather_no_grad(img).t() / temp
-            neg_txt, neg_img = sample_negatives(sim_i2t, image_ids, all_ids=all_ids, sim_t2i=sim_t2i)
+            neg_txt, neg_img = sample_negatives(sim_i2t, image_ids, all_ids=all_ids, sim_t2i=sim_t2i,
+                                                texts=ids, all_texts=gather_no_grad(ids))
             rows = torch.arange(b, device=device)
             ok_t, ok_i = neg_txt >= 0, neg_img >= 0
             pairs["itm"] = (
@@ -185,19 +206,18 @@ class Pretrainer(nn.Module):
                     ema_joint = ema.fuse(ema_v, ema.encode_text(ids, attn), attn)
 
         if o.mim:
-            patches = joint["masked_image"][:, 1:1 + n]
             target = self._mim_target(batch, raw_images, ema_v)
-            terms["mim"] = mim_loss(self.mim_head(patches), target, patch_mask, o.mim_target)
+            terms["mim"] = mim_loss(model.mim_predictions(joint["masked_image"]), target, patch_mask, o.mim_target)
         if o.mlm:
             selected = labels != IGNORE_INDEX
-            tokens = joint["masked_text"][:, 1 + n:][selected]
+            tokens = layout.tokens(joint["masked_text"])[selected]
             terms["mlm"] = mlm_loss(model.mlm_logits(tokens), labels[selected])
         if o.mrm:
             target = mrm_targets(ema_joint)
             img_sel, txt_sel = patch_mask, labels != IGNORE_INDEX
-            pred = torch.cat([self.mrm_predictor(joint["masked_image"][:, 1:1 + n][img_sel]),
-                              self.mrm_predictor(joint["masked_text"][:, 1 + n:][txt_sel])])
-            tgt = torch.cat([target[:, 1:1 + n][img_sel], target[:, 1 + n:][txt_sel]])
+            pred = torch.cat([self.mrm_predictor(layout.patches(joint["masked_image"])[img_sel]),
+                              self.mrm_predictor(layout.tokens(joint["masked_text"])[txt_sel])])
+            tgt = torch.cat([layout.patches(target)[img_sel], layout.tokens(target)[txt_sel]])
             mrm = mrm_loss(pred, tgt, torch.ones(pred.shape[0], dtype=torch.bool, device=device))
             terms["mrm"] = mrm["loss"]
             diags["diag_mrm_target_std"] = mrm["target_std"]
@@ -222,23 +242,32 @@ class Pretrainer(nn.Module):
         kind = self.objectives.mim_target
         if kind == "momentum":
             return ema_v[:, 1:]
-        if kind in batch:
-            return batch[kind].to(raw_images.device).float()
-        from dmp_core import targets
+        return mim_targets(self.cfg, kind, raw_images, self.model, batch.get(kind))
 
-        t = self.targets_cfg
-        if kind == "hog":
-            return targets.hog(raw_images, patch=t.patch, cell=t.hog.cell, bins=t.hog.bins, grad=t.hog.grad,
-                               angle=t.hog.angle)
-        return targets.pixel_targets(raw_images, patch=t.patch, norm_per_patch=t.pixel.norm_per_patch)
+
+def mim_targets(cfg: Config, kind: str, raw_images: torch.Tensor, model: DMPModel,
+                precomputed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """HOG or pixel MIM targets [B, N, D] of uint8 images: the precomputed ones (targets
+    stage) when given, else computed on the fly. Pixel targets without per-patch
+    normalisation are mapped into the image tower's normalised input space (SimMIM)."""
+    from dmp_core import targets
+
+    if precomputed is not None:
+        out = precomputed.to(raw_images.device).float()
+    else:
+        out = targets.compute_targets(raw_images, kind, cfg)
+    if kind == "pixel" and not cfg.targets.pixel.norm_per_patch:
+        out = targets.normalise_pixel_targets(out, model.pixel_mean, model.pixel_std)
+    return out
 
 
 def create_pretrainer(cfg: Config, stage: str, model: DMPModel, *, special: Optional[SpecialTokens] = None,
-                      meta: Optional[dict[str, Any]] = None) -> Pretrainer:
+                      meta: Optional[dict[str, Any]] = None, world_size: int = 1) -> Pretrainer:
     """The Pretrainer for ``stage`` ("pretrain": the variant's objectives; "finetune": ITC + ITM).
 
     Special token ids come from ``special``, or from the prepared data's ``meta`` (meta.json),
-    else MiniLM's defaults (pad 0, cls 101, sep 102, mask 103)."""
+    else MiniLM's defaults (pad 0, cls 101, sep 102, mask 103). ``world_size`` sets the
+    global batch (the default VICReg expander width)."""
     if special is None:
         special = SpecialTokens.from_meta(meta) if meta is not None else SpecialTokens()
-    return Pretrainer(cfg, stage, model, special)
+    return Pretrainer(cfg, stage, model, special, world_size=world_size)
