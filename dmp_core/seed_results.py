@@ -1,4 +1,5 @@
-"""Retrieval numbers *reported* in the seed paper (shared/docs/seed-paper.txt).
+"""Retrieval numbers *reported* in the seed paper ("Denoising Multimodal Pretraining for
+Retrieval", A. K. Jha et al.; summarised in docs/METHOD.md).
 
 They come from other data, other models and other compute than ours; the report
 prints them in their own, clearly labelled rows, never as a comparison of equals.
