@@ -117,6 +117,11 @@ class ModelParams(_Section):
     text_weights: Optional[str] = None
     embed_dim: Optional[int] = Field(None, ge=8)
     patch_size: Optional[int] = Field(None, ge=2)  # None = the preset's (a pretrained tower keeps its own)
+    # the text embedding of ITC/VICReg: the text tower's [CLS] state, or the mean of its token
+    # states; None = the preset's ("text.pool": mean for the from-scratch tiny tower, whose
+    # [CLS] starts collapsed: cosine 0.9999 between any two captions, so ITC without VICReg
+    # sat at ln(batch) for ~250 steps; cls for the pretrained towers, as they were trained)
+    text_pool: Optional[Literal["cls", "mean"]] = None
     # the fused pair state read by the ITM head: the fused text [CLS] (ALBEF/BLIP), the
     # fusion [CLS] (a learned query token at the front of the fused sequence), or both
     itm_state: Literal["text_cls", "fusion_cls", "concat"] = "text_cls"
@@ -238,7 +243,7 @@ class ResolvedObjectives(BaseModel):
 class TrainParams(_Section):
     # the length of the run: exactly `steps` optimiser steps (epochs repeat as needed; the
     # same compute whatever data.fraction is), or `epochs` full passes; set exactly one
-    steps: Optional[int] = Field(600, ge=1)
+    steps: Optional[int] = Field(500, ge=1)
     epochs: Optional[int] = Field(None, ge=1)
     warmup: float = Field(0.1, ge=0.0, lt=1.0)  # linear warmup over this share of the run, then cosine
     # per process: the global batch under DDP is batch_size * world size
@@ -256,7 +261,7 @@ class TrainParams(_Section):
     grad_clip: float = Field(1.0, ge=0.0)
     num_workers: int = Field(1, ge=0)
     checkpoint_every: int = Field(50, ge=1)
-    val_every: int = Field(150, ge=0)  # steps between val checks (best weights kept); 0 = once per epoch
+    val_every: int = Field(250, ge=0)  # steps between val checks (best weights kept); 0 = once per epoch
     log_every: int = Field(10, ge=1)
     amp: Literal["auto", "bf16", "off"] = "auto"
 
@@ -271,7 +276,7 @@ class FinetuneParams(TrainParams):
     """The finetuning recipe: the same knobs, its own defaults (a dict in params.yaml that
     sets one key keeps these defaults for the others)."""
 
-    steps: Optional[int] = Field(150, ge=1)
+    steps: Optional[int] = Field(100, ge=1)
     lr: float = Field(1e-4, gt=0.0)
     fusion_lr_scale: float = Field(5.0, gt=0.0)
     val_every: int = Field(50, ge=0)

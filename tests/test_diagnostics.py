@@ -84,7 +84,7 @@ class HandBuilt(nn.Module):
     def image_embed(self, states: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(states[:, 0] + 1.0, dim=-1)
 
-    def text_embed(self, states: torch.Tensor) -> torch.Tensor:
+    def text_embed(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(states[:, 0] + 1.0, dim=-1)
 
     def itm_logits(self, joint: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def train_and_measure(blank: bool, steps: int = 300, batch: int = 16) -> dict[st
     torch.manual_seed(0)
     # every setting the outcome depends on is pinned here, not taken from the (CPU-budget) defaults
     cfg = tiny_config(data__image_size=SIZE, pretrain__batch_size=batch, pretrain__lr=2e-3,
-                      pretrain__fusion_lr_scale=2.5, objective__w_vicreg=0.04,
+                      pretrain__fusion_lr_scale=2.5, objective__w_vicreg=0.04, model__text_pool="cls",
                       objective__vicreg_coeffs__expander_dim=None)
     pretrainer = create_pretrainer(cfg, "pretrain", micro_model(cfg)).train()
     optimizer = build_optimizer(pretrainer, cfg.pretrain)

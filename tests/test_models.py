@@ -107,7 +107,7 @@ def test_shapes_and_api(micro):
     assert micro.layout.patch_start == 1 and micro.layout.text_start == 17
     assert v.shape == (2, 17, 32) and t.shape == (2, 8, 32) and joint.shape == (2, 1 + 16 + 8, 32)
     assert micro.itm_logits(joint).shape == (2, 2)
-    img_emb, txt_emb = micro.image_embed(v), micro.text_embed(t)
+    img_emb, txt_emb = micro.image_embed(v), micro.text_embed(t, attn)
     assert torch.allclose(img_emb.norm(dim=-1), torch.ones(2)) and txt_emb.shape == (2, 16)
     assert micro.mlm_logits(micro.layout.tokens(joint)).shape == (2, 8, VOCAB)
 
@@ -244,7 +244,9 @@ def test_padding_changes_nothing(micro):
     t1, t2 = micro.encode_text(ids, attn), micro.encode_text(other, attn)
     keep = attn.bool()
     assert torch.allclose(t1[keep], t2[keep], atol=1e-6)
-    assert torch.allclose(micro.text_embed(t1), micro.text_embed(t2), atol=1e-6)
+    assert torch.allclose(micro.text_embed(t1, attn), micro.text_embed(t2, attn), atol=1e-6)  # mean pooling
+    # and padding states (which differ) never enter the mean
+    assert not torch.allclose(t1[~keep], t2[~keep])
     j1, j2 = micro.fuse(v, t1, attn), micro.fuse(v, t2, attn)
     joint_keep = torch.cat([torch.ones(2, 17, dtype=torch.bool), keep], dim=1)
     assert torch.allclose(j1[joint_keep], j2[joint_keep], atol=1e-6)
@@ -304,3 +306,37 @@ def test_model_info_cli(tmp_path):
     assert counts["total"] == sum(counts[k] for k in ("image_tower", "text_tower", "fusion", "heads"))
     bad = CliRunner().invoke(app, ["model", "info", "--preset", "nope", "--params", str(params)])
     assert bad.exit_code == 1 and "unknown preset" in bad.output
+
+
+def test_text_pool_cls_reads_the_cls_state_and_mean_the_real_tokens():
+    torch.manual_seed(0)
+    model = create_model(ModelParams(text_pool="cls"), image_size=32, vocab_size=VOCAB, spec=micro_spec()).eval()
+    assert model.text_pool == "cls" and create_model(ModelParams(), image_size=32, vocab_size=VOCAB,
+                                                     spec=micro_spec()).text_pool == "mean"  # tiny's preset value
+    states = torch.randn(2, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.allclose(model.text_features(states, mask), model.text_proj(states[:, 0]))
+    model.text_pool = "mean"
+    want = torch.stack([states[0, :3].mean(0), states[1].mean(0)])
+    assert torch.allclose(model.text_features(states, mask), model.text_proj(want), atol=1e-6)
+
+
+def test_tiny_text_embeddings_are_not_collapsed_at_init():
+    """The root cause of a long ITC plateau: from scratch, the tiny text tower's [CLS]
+    state is the same for every caption (cosine ~0.9999), so ITC starts at ln(batch) with
+    next to no gradient; the mean of the token states differs between captions at once."""
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 5000, (16, 10))
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+
+    def mean_cosine(pool: str) -> float:
+        torch.manual_seed(0)
+        model = create_model(ModelParams(text_pool=pool), image_size=64, vocab_size=30522).eval()
+        with torch.no_grad():
+            emb = model.text_embed(model.encode_text(ids, mask), mask)
+        sim = emb @ emb.T
+        return float(sim[~torch.eye(16, dtype=torch.bool)].mean())
+
+    cls, mean = mean_cosine("cls"), mean_cosine("mean")
+    assert cls > 0.999 and 1 - mean > 100 * (1 - cls), (cls, mean)

@@ -44,7 +44,7 @@ def test_params_doc_lists_every_schema_key(tmp_path) -> None:
     rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
     assert set(rows) == set(defaults)
     assert "| `objective.variant` | mamo \\| denoising | `denoising` | yes |" in rows["objective.variant"]
-    assert "| `finetune.steps` | int \\| null (>= 1) | `150` | yes |" in rows["finetune.steps"]  # not TrainParams' 250
+    assert "| `finetune.steps` | int \\| null (>= 1) | `100` | yes |" in rows["finetune.steps"]  # FinetuneParams, not TrainParams (500)
     assert "| `pretrain.epochs` | int \\| null (>= 1) | `null` |  |" in rows["pretrain.epochs"]
     assert "share of the run" in rows["pretrain.warmup"]  # the comment beside the field in config.py
     # --check fails on a stale file, then the command rewrites it
@@ -94,7 +94,7 @@ def test_params_yaml_is_formatted_as_dvc_writes_it() -> None:
 @pytest.mark.parametrize("overrides,changed", [
     (["objective.vicreg=false"], {"-  vicreg:", "+  vicreg: false"}),
     (["objective.variant=mamo", "++pretrain.warmup=0.2"], {"-  variant: denoising", "+  variant: mamo", "+  warmup: 0.2"}),
-    (["pretrain.steps=null", "++pretrain.epochs=2"], {"-  steps: 600", "+  steps:", "+  epochs: 2"}),
+    (["pretrain.steps=null", "++pretrain.epochs=2"], {f"-  steps: {load_config(PARAMS).pretrain.steps}", "+  steps:", "+  epochs: 2"}),
 ])
 def test_dvc_set_param_changes_only_its_lines(tmp_path, overrides, changed) -> None:
     """What `dvc exp run -S` writes (DVC's own apply_overrides) differs only in the keys set."""
@@ -134,7 +134,8 @@ def test_check_summarises_and_writes_a_constant_marker(tmp_path) -> None:
     line = proc.stdout.strip()
     assert "\n" not in line and line.startswith("dmp check: ")
     for part in ("variant denoising", "objectives itc,itm,mlm,mim,vicreg", "MIM target hog",
-                 "mask ratios image 0.75 / text 0.4", "model tiny", "pretrain 600 steps", "finetune 150 steps"):
+                 "mask ratios image 0.75 / text 0.4", "model tiny", f"pretrain {load_config(PARAMS).pretrain.steps} steps",
+                 f"finetune {load_config(PARAMS).finetune.steps} steps"):
         assert part in line, (part, line)
     first = marker.read_bytes()
 

@@ -261,17 +261,17 @@ def test_scaling_table_shows_trained_steps_and_epochs_and_names_the_policy() -> 
     runs = []
     for variant, quality in (("denoising", 0.5), ("mamo", 0.3)):
         for fraction in (0.1, 0.5, 1.0):
-            training = {"pretrain": {"steps": 600, "epochs": round(600 * 32 / (8000 * fraction), 2)},
-                        "finetune": {"steps": 150, "epochs": round(150 * 32 / (8000 * fraction), 2)}}
+            training = {"pretrain": {"steps": 500, "epochs": round(500 * 32 / (8000 * fraction), 2)},
+                        "finetune": {"steps": 100, "epochs": round(100 * 32 / (8000 * fraction), 2)}}
             runs.append(_run(f"{variant}-{fraction}", quality * fraction, training=training,
                              objective__variant=variant, data__fraction=fraction))
     groups = group_runs(runs, BASELINE)
     table = scaling_table(groups)
     assert set(zip(table["Variant"], table["data.fraction"])) == {(v, f) for v in ("denoising", "mamo") for f in ("0.1", "0.5", "1")}
     row = _row(table, Variant="mamo", **{"data.fraction": "0.1"})
-    assert (row["pretrain steps"], row["pretrain epochs"], row["finetune epochs"]) == ("600", "24", "6")
+    assert (row["pretrain steps"], row["pretrain epochs"], row["finetune epochs"]) == ("500", "20", "4")
     policy = scaling_policy(groups)
-    assert "pretrain: equal optimiser steps (pretrain.steps=600" in policy
+    assert "pretrain: equal optimiser steps (pretrain.steps=500" in policy
     by_epochs = [Run(**{**r.__dict__, "params": {**r.params, "pretrain.steps": None, "pretrain.epochs": 1}}) for r in runs]
     assert "pretrain: equal epochs (pretrain.epochs=1" in scaling_policy(group_runs(by_epochs, BASELINE))
     assert set(scaling_table(group_runs(by_epochs, BASELINE))["Settings"]) == {"pretrain.epochs=1, pretrain.steps=null"}

@@ -170,7 +170,7 @@ def encode_split(model: torch.nn.Module, data: RetrievalSplit, batch_size: int, 
         states = model.encode_text(ids, mask)
         text_states.append(states.float())
         text_mask.append(mask)
-        text_emb.append(model.text_embed(states).float())
+        text_emb.append(model.text_embed(states, mask).float())
     return EncodedSplit(
         image_states=torch.cat(image_states),
         image_emb=torch.cat(image_emb),

@@ -111,6 +111,7 @@ def create_model(model_params: ModelParams, *, image_size: int, vocab_size: int,
         embed_dim=model_params.embed_dim or spec["embed_dim"],
         mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))), std=tuple(cfg.get("std", (0.5, 0.5, 0.5))),
         preset=model_params.preset, itm_state=model_params.itm_state, itm_head=model_params.itm_head, mim_dim=width,
+        text_pool=model_params.text_pool or spec["text"].get("pool", "cls"),
     )
     source = getattr(bert, "dmp_source", None)
     if source is not None:  # a pretrained text tower: its MLM transform too, when the checkpoint has one

@@ -29,10 +29,14 @@ class DMPModel(nn.Module):
 
     def __init__(self, vision: VisionTower, text: TextTower, fusion: MergedFusion, bert_config: BertConfig,
                  *, embed_dim: int, mean: tuple[float, ...], std: tuple[float, ...], preset: str,
-                 itm_state: str = "text_cls", itm_head: str = "mlp", mim_dim: Optional[int] = None) -> None:
+                 itm_state: str = "text_cls", itm_head: str = "mlp", mim_dim: Optional[int] = None,
+                 text_pool: str = "cls") -> None:
         super().__init__()
         if itm_state not in ("text_cls", "fusion_cls", "concat"):
             raise ValueError(f"model.itm_state: unknown state {itm_state!r}")
+        if text_pool not in ("cls", "mean"):
+            raise ValueError(f"model.text_pool: unknown pooling {text_pool!r}")
+        self.text_pool = text_pool
         self.preset = preset
         self.itm_state = itm_state
         self.vision, self.text, self.fusion = vision, text, fusion
@@ -119,14 +123,20 @@ class DMPModel(nn.Module):
         """Unnormalised ITC projection of the image CLS (VICReg's representation)."""
         return self.image_proj(image_states[:, 0])
 
-    def text_features(self, text_states: torch.Tensor) -> torch.Tensor:
-        return self.text_proj(text_states[:, 0])
+    def text_features(self, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised ITC projection of the caption: its [CLS] state, or (``text_pool``
+        mean) the mean of its real token states (padding excluded)."""
+        if self.text_pool == "cls":
+            return self.text_proj(text_states[:, 0])
+        keep = attention_mask.to(text_states.dtype).unsqueeze(-1)
+        pooled = (text_states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+        return self.text_proj(pooled)
 
     def image_embed(self, image_states: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(image_states).float(), dim=-1)
 
-    def text_embed(self, text_states: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_features(text_states).float(), dim=-1)
+    def text_embed(self, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_features(text_states, attention_mask).float(), dim=-1)
 
     def pair_state(self, joint: torch.Tensor) -> torch.Tensor:
         """The fused pair state [B, D] (or [B, 2D] for ``concat``) read by the ITM head."""

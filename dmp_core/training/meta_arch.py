@@ -146,16 +146,16 @@ class Pretrainer(nn.Module):
         # --- ITC / VICReg on the clean [CLS] states
         img_emb = txt_emb = None
         if o.itc:
-            img_emb, txt_emb = model.image_embed(v), model.text_embed(t)
+            img_emb, txt_emb = model.image_embed(v), model.text_embed(t, attn)
             terms["itc"] = itc_loss(img_emb, txt_emb, image_ids, model.temperature, texts=ids)
         elif o.itm_negatives == "vicreg":
             # without ITC the [CLS] projections are trained by VICReg (through the expanders)
             # and serve first-stage retrieval: ITM negatives come from their similarity
             with torch.no_grad():
-                img_emb, txt_emb = model.image_embed(v), model.text_embed(t)
+                img_emb, txt_emb = model.image_embed(v), model.text_embed(t, attn)
         if o.vicreg:
             vic = vicreg_loss(self.image_expander(model.image_features(v)),
-                              self.text_expander(model.text_features(t)), **self.vicreg_coeffs)
+                              self.text_expander(model.text_features(t, attn)), **self.vicreg_coeffs)
             terms["vicreg"] = vic["loss"]
             diags.update({f"diag_vicreg_{k}": vic[k].detach() for k in ("sim", "std", "cov")})
             diags["diag_vicreg_cov_floor"] = torch.tensor(self.cov_floor)
