@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from dmp_core.config import Config, ParamsError, config_from_dict, flatten
+from dmp_core.config import Config, ParamsError, apply_dotted, config_from_dict, flatten
 from dmp_core.errors import DataError
 from dmp_core.io import atomic_path, write_text
 from dmp_core.seed_results import SEED_RESULTS
@@ -78,14 +78,7 @@ def canonical_params(cfg: Config) -> dict[str, Any]:
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
+    return apply_dotted({}, dict(flat))
 
 
 def _validate(flat: Mapping[str, Any], source: str) -> tuple[Optional[Config], str]:

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dmp_core.config import config_from_dict
+from dmp_core.config import apply_dotted, config_from_dict
 from dmp_core.report import (
     BOOTSTRAP_SEED,
     GalleryData,
@@ -42,14 +42,7 @@ SAMPLES = 300  # bootstrap resamples in these tests (the report's default is 200
 
 
 def _nested(overrides: dict) -> dict:
-    raw: dict = {}
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return raw
+    return apply_dotted({}, overrides)
 
 
 def _params(**overrides) -> dict:
