@@ -46,17 +46,10 @@ def free_port() -> int:
 
 
 def tiny_config(**overrides) -> Config:
-    """The TINY dict with nested overrides applied, validated."""
-    import copy
+    """The TINY dict with nested overrides (``section__key=value``) applied, validated."""
+    from dmp_core.config import apply_dotted
 
-    raw = copy.deepcopy(TINY)
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config_from_dict(raw)
+    return config_from_dict(apply_dotted(TINY, {k.replace("__", "."): v for k, v in overrides.items()}))
 
 
 @pytest.fixture
