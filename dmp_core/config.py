@@ -122,12 +122,15 @@ class ModelParams(_Section):
     # [CLS] starts collapsed: cosine 0.9999 between any two captions, so ITC without VICReg
     # sat at ln(batch) for ~250 steps; cls for the pretrained towers, as they were trained)
     text_pool: Optional[Literal["cls", "mean"]] = None
-    # the fused pair state read by the ITM head: the fused text [CLS] (ALBEF/BLIP), the
-    # fusion [CLS] (a learned query token at the front of the fused sequence), or both
-    itm_state: Literal["text_cls", "fusion_cls", "concat"] = "text_cls"
+    # the fused pair state read by the ITM head: the masked mean of the fused text tokens
+    # (every word's view of the image; the default: it ranked the ITC top-k best in the
+    # measured candidates, bench/README.md "ITM"), the fused text [CLS] (ALBEF/BLIP; with
+    # the mean-pooled tiny text tower that [CLS] is never trained by ITC or MLM), both
+    # concatenated, the fusion [CLS] (a learned query at the front of the fused sequence),
+    # or fusion [CLS] + fused text [CLS]
+    itm_state: Literal["text_mean", "text_cls", "text_cls_mean", "fusion_cls", "concat"] = "text_mean"
     # the ITM classifier on the pair state: one linear layer (ALBEF), or an MLP
-    # (Linear-GELU-Linear), which learns the image x text match far sooner from scratch
-    # (bench/README.md, "ITM head")
+    # (Linear-GELU-Linear)
     itm_head: Literal["linear", "mlp"] = "mlp"
     # the image [CLS] state joins the fused sequence (before the patches)
     fusion_image_cls: bool = True
@@ -172,7 +175,19 @@ class ObjectiveParams(_Section):
     # the teacher leaves its random initial weights within the first steps of a short run
     ema_warmup: bool = True
     ema_warmup_power: float = Field(0.75, gt=0.0, le=1.0)
+    # the source of ITM's hard negatives (one per anchor and direction, drawn from the
+    # similarity softmax, ALBEF): auto = itc when ITC is on, else vicreg; or uniform
     itm_negatives: Literal["auto", "itc", "vicreg", "uniform"] = "auto"
+    # also one negative per anchor and direction drawn uniformly from the batch (an easier
+    # one beside the hard one: hard negatives alone left ITM at its prior in 3 of 8 toy
+    # seeds; bench/README.md, "ITM")
+    itm_uniform_negatives: bool = True
+    # the hard negatives' sampling logits ramp from 0 (uniform) to the full similarity over
+    # this share of the run (a curriculum from easy to hard negatives); 0 = hard from step 0
+    itm_hard_warmup: float = Field(0.0, ge=0.0, le=1.0)
+    # also the anchor's own caption with two colours / sizes exchanged or a spatial relation
+    # reversed, as a negative of its image (dmp_core/losses/swaps.py; NegCLIP-style)
+    itm_swap_negatives: bool = False
     w_mrm: float = Field(1.0, ge=0.0)
     w_mim: float = Field(1.0, ge=0.0)
     w_mlm: float = Field(1.0, ge=0.0)
@@ -254,6 +269,9 @@ class TrainParams(_Section):
     # learning-rate multiplier for the fusion layers and the heads that read fused states
     # (ITM, MLM transform, MIM, MRM predictor); the towers use `lr`
     fusion_lr_scale: float = Field(2.5, gt=0.0)
+    # the fused side keeps its peak rate until this share of the run, then decays over the
+    # rest (0 = the same cosine as the towers)
+    fusion_lr_hold: float = Field(0.0, ge=0.0, lt=1.0)
     warmup_lr: float = Field(1e-6, ge=0.0)
     min_lr: float = Field(1e-5, ge=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
@@ -291,10 +309,14 @@ class EvalParams(_Section):
     # rows of the similarity matrix handled at once (bounds memory on COCO's 5k x 25k)
     chunk_size: int = Field(1024, ge=1)
     split: Literal["val", "test"] = "test"
-    # diagnostics (evaluation and val checks): ITM ROC-AUC over at most this many queries
-    # (gold vs the ITC top-k non-gold candidates); modality-use gaps over this many pairs
+    # diagnostics (evaluation and val checks): per-query ITM AUCs over at most this many
+    # image and this many caption queries (over each query's ITC top-k, and against random
+    # negatives); modality-use gaps over this many pairs
     diag_queries: int = Field(200, ge=1)
     diag_pairs: int = Field(256, ge=2)
+    # the modality-use gaps mask at these ratios for every variant (comparable numbers)
+    gap_text_mask_ratio: float = Field(0.4, gt=0.0, lt=1.0)
+    gap_image_mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
 
 
 class TrackingParams(_Section):

@@ -14,8 +14,13 @@ Everything arrives as plain data, so this module knows nothing about DVC, git or
 - histories (run name -> pretraining loss terms per step) and the retrieval gallery.
 
 Runs that differ only in ``seed`` form one group (mean ± std over seeds). Groups that
-differ in exactly one setting are compared with a paired bootstrap over test images
-(:mod:`dmp_core.stats`). Every number in the report comes from these inputs.
+differ in exactly one setting are compared with a paired bootstrap over the test split's
+independent units (:mod:`dmp_core.stats`): binding groups where ranks.npz has
+``clusters`` that join images (the synthetic set), else images. Groups with >= 2 seeds in
+common also get the Student t interval of the mean per-seed difference. The verdict
+speaks of *recipes* only with >= 3 seeds on each side (and resting on that across-seed
+interval); otherwise of "these two checkpoints" or "these N-seed runs". Every number in
+the report comes from these inputs.
 """
 from __future__ import annotations
 
@@ -32,7 +37,15 @@ from dmp_core.config import Config, ParamsError, apply_dotted, config_from_dict,
 from dmp_core.errors import DataError
 from dmp_core.io import atomic_path, write_text
 from dmp_core.seed_results import SEED_RESULTS
-from dmp_core.stats import Ranks, bootstrap_vs_chance, chance_recall, excludes_zero, paired_bootstrap
+from dmp_core.stats import (
+    Ranks,
+    bootstrap_vs_chance,
+    canonical_clusters,
+    chance_recall,
+    excludes_zero,
+    paired_bootstrap,
+    seed_interval,
+)
 
 RECALLS = [("tr", 1), ("tr", 5), ("tr", 10), ("ir", 1), ("ir", 5), ("ir", 10)]
 RECALL_KEYS = [f"{d}_r{k}" for d, k in RECALLS]
@@ -48,10 +61,16 @@ IGNORED_PARAMS = ("seed", "tracking.", "report.", "data.root", "eval.batch_size"
 RECIPE_KEYS = ("mrm", "mim", "mlm", "itc", "itm", "vicreg", "mim_target", "text_mask_ratio", "itm_negatives")
 # stages that run every time (dvc.yaml always_changed), so `dvc status` always lists them
 ALWAYS_CHANGED_STAGES = ("params", "download", "report")
-# the verdict's "the fusion does not use a modality" rules (issue 8)
-DIAGNOSTIC_FLOORS = {"itm_auc": 0.6, "image_use_gap": 0.05, "text_use_gap": 0.01}
-DIAGNOSTIC_NAMES = {"itm_auc": "ITM AUC", "image_use_gap": "image-use gap", "text_use_gap": "text-use gap"}
+# the verdict's floors: ITM that does not order the ITC top-k / does not match at all (per-query
+# AUCs), and a fusion that does not use a modality (gaps relative to the matched loss, at the
+# common mask ratios eval.gap_*_mask_ratio, so that variants and loss scales compare)
+ITM_FLOORS = {"itm_auc": 0.6, "itm_auc_random": 0.6}
+GAP_FLOORS = {"image_use_gap_rel": 0.02, "text_use_gap_rel": 0.02}
+DIAGNOSTIC_FLOORS = {**ITM_FLOORS, **GAP_FLOORS}
+DIAGNOSTIC_NAMES = {"itm_auc": "ITM AUC on the ITC top-k", "itm_auc_random": "ITM AUC vs random negatives",
+                    "image_use_gap_rel": "relative image-use gap", "text_use_gap_rel": "relative text-use gap"}
 BOOTSTRAP_SEED = 0  # the same resamples every time the report is built
+RECIPE_MIN_SEEDS = 3  # seeds (run by both methods) before the verdict speaks of recipes
 
 
 # ------------------------------------------------------------------ params
@@ -245,6 +264,20 @@ class Run:
     def txt2img(self) -> Optional[np.ndarray]:
         return None if self.ranks is None or "txt2img" not in self.ranks else np.asarray(self.ranks["txt2img"])
 
+    @property
+    def clusters(self) -> Optional[np.ndarray]:
+        """ranks.npz ``clusters`` (the bootstrap unit of each image) relabelled 0..C-1; None if absent.
+
+        Absent (evaluate outputs older than the field) means one unit per image.
+        """
+        if self.ranks is None or "clusters" not in self.ranks or self.txt2img is None:
+            return None
+        n_images = int(self.txt2img.max()) + 1
+        try:
+            return canonical_clusters(np.asarray(self.ranks["clusters"]), n_images)
+        except DataError as err:
+            raise DataError(f"run {self.name}: ranks.npz: {err}") from None
+
     def model_ranks(self, model: str, scorer: Optional[str] = None) -> Optional[Ranks]:
         scorer = scorer or self.headline
         keys = (f"{model}_{scorer}_tr", f"{model}_{scorer}_ir")
@@ -390,6 +423,23 @@ def _interval(result: Mapping[str, float]) -> str:
     return f"{_signed(result['diff'])} [{_signed(result['lo'])}, {_signed(result['hi'])}]"
 
 
+def _n_seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def bootstrap_unit(clusters: Optional[np.ndarray], n_images: int) -> str:
+    """The resampled unit, in words: ``binding groups (C clusters of N images)`` or ``images (N)``."""
+    n_clusters = n_images if clusters is None else int(np.max(clusters)) + 1
+    if n_clusters == n_images:
+        return f"images ({n_images})"
+    return f"binding groups ({n_clusters} clusters of {n_images} images)"
+
+
+def _seed_ci_text(ci: Mapping[str, float]) -> str:
+    """``+1.2 [−0.3, +2.7] (t, 2 dof)``: the mean per-seed difference and its Student t interval."""
+    return f"{_signed(ci['diff'])} [{_signed(ci['lo'])}, {_signed(ci['hi'])}] (t, {ci['dof']} dof)"
+
+
 def _seeds_cell(group: Group) -> str:
     return f"{len(group.runs)} ({', '.join(str(s) for s in group.seeds)})"
 
@@ -482,13 +532,25 @@ def diagnostics_table(groups: Sequence[Group]) -> pd.DataFrame:
                 flags = _diagnostic_flags(diag)
                 rows.append({
                     "Run": run.name, "Method": group.label, "Model": MODEL_NAMES[model],
-                    "ITM AUC": _fmt_num(diag.get("itm_auc"), 3),
-                    "image-use gap (nats)": _fmt_num(diag.get("image_use_gap"), 3),
-                    "text-use gap (nats)": _fmt_num(diag.get("text_use_gap"), 3),
+                    "ITM AUC top-k [95% CI]": _with_ci(diag, "itm_auc"),
+                    "ITM AUC random [95% CI]": _with_ci(diag, "itm_auc_random"),
+                    "image-use gap, nats (rel.)": _with_rel(diag, "image_use_gap"),
+                    "text-use gap (rel.)": _with_rel(diag, "text_use_gap"),
                     "MLM loss matched / shuffled": _pair(diag.get("mlm_loss_matched"), diag.get("mlm_loss_shuffled")),
                     "below floor": "; ".join(flags) or "–",
                 })
     return pd.DataFrame(rows)
+
+
+def _with_ci(diag: Mapping[str, Any], key: str) -> str:
+    lo, hi = diag.get(f"{key}_lo"), diag.get(f"{key}_hi")
+    ci = f" [{lo:.3f}, {hi:.3f}]" if isinstance(lo, float) and isinstance(hi, float) else ""
+    return _fmt_num(diag.get(key), 3) + ci
+
+
+def _with_rel(diag: Mapping[str, Any], key: str) -> str:
+    rel = diag.get(f"{key}_rel")
+    return _fmt_num(diag.get(key), 3) + (f" ({rel:.1%})" if isinstance(rel, float) else "")
 
 
 def _fmt_num(value: Any, digits: int) -> str:
@@ -499,9 +561,9 @@ def _pair(a: Any, b: Any) -> str:
     return "–" if a is None and b is None else f"{_fmt_num(a, 3)} / {_fmt_num(b, 3)}"
 
 
-def _diagnostic_flags(diag: Mapping[str, Any]) -> list[str]:
+def _diagnostic_flags(diag: Mapping[str, Any], floors: Mapping[str, float] = DIAGNOSTIC_FLOORS) -> list[str]:
     flags = []
-    for key, floor in DIAGNOSTIC_FLOORS.items():
+    for key, floor in floors.items():
         value = diag.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor:
             flags.append(f"{DIAGNOSTIC_NAMES[key]} {value:.3f} < {floor:g}")
@@ -521,6 +583,8 @@ class Comparison:
     result: Optional[dict[str, dict[str, float]]] = None  # paired_bootstrap of the finetuned headline ranks
     why_not: str = ""
     per_seed: Optional[list[float]] = None  # r_mean differences of the seeds both groups ran
+    seed_ci: Optional[dict[str, float]] = None  # stats.seed_interval of per_seed (>= 2 common seeds)
+    unit: str = ""  # the bootstrap's resampled unit, in words (bootstrap_unit)
 
     @property
     def title(self) -> str:
@@ -558,13 +622,21 @@ def comparisons(groups: Sequence[Group], baseline: Mapping[str, Any], n_samples:
         elif not np.array_equal(comp.run_a.txt2img, comp.run_b.txt2img):
             comp.why_not = "different test splits"
         else:
-            comp.result = paired_bootstrap(comp.run_a.model_ranks("finetune"), comp.run_b.model_ranks("finetune"),
-                                           comp.run_a.txt2img, n_samples=n_samples, seed=seed)
+            # the clusters belong to the split, not the model: one run's suffice (older outputs lack them)
+            clusters_a, clusters_b = comp.run_a.clusters, comp.run_b.clusters
+            if clusters_a is not None and clusters_b is not None and not np.array_equal(clusters_a, clusters_b):
+                comp.why_not = "different test splits (their binding groups differ)"
+            else:
+                clusters = clusters_a if clusters_a is not None else clusters_b
+                comp.unit = bootstrap_unit(clusters, int(comp.run_a.txt2img.max()) + 1)
+                comp.result = paired_bootstrap(comp.run_a.model_ranks("finetune"), comp.run_b.model_ranks("finetune"),
+                                               comp.run_a.txt2img, n_samples=n_samples, seed=seed, clusters=clusters)
         seeds_a = {r.seed: r.recall("finetune", "r_mean") for r in a.runs}
         seeds_b = {r.seed: r.recall("finetune", "r_mean") for r in b.runs}
         common = [s for s in seeds_a if s in seeds_b and seeds_a[s] is not None and seeds_b[s] is not None]
         if len(a.runs) > 1 and len(b.runs) > 1 and len(common) > 1:
             comp.per_seed = [seeds_a[s] - seeds_b[s] for s in common]
+            comp.seed_ci = seed_interval(comp.per_seed)
         out.append(comp)
     return out
 
@@ -579,8 +651,11 @@ def statistics_table(comps: Sequence[Comparison]) -> pd.DataFrame:
             row[_col(key) if key != "r_mean" else "R mean"] = _interval(comp.result[key]) if comp.result else "–"
         row["R mean CI excludes 0"] = ("yes" if excludes_zero(comp.result["r_mean"]) else "no") if comp.result \
             else comp.why_not
+        row["bootstrap unit"] = comp.unit or "–"
         row["per-seed Δ R mean"] = (f"{np.mean(comp.per_seed):+.1f} ± {np.std(comp.per_seed, ddof=1):.1f} "
                                     f"({len(comp.per_seed)} seeds)").replace("-", "−") if comp.per_seed else "–"
+        row["across-seed 95% CI of Δ R mean"] = _seed_ci_text(comp.seed_ci) if comp.seed_ci else "–"
+        row["seed CI excludes 0"] = ("yes" if excludes_zero(comp.seed_ci) else "no") if comp.seed_ci else "–"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -591,6 +666,7 @@ class ChanceTest:
     label: str
     model: str
     result: dict[str, dict[str, float]]  # bootstrap_vs_chance
+    unit: str = ""  # the bootstrap's resampled unit, in words
 
 
 def chance_tests(groups: Sequence[Group], n_samples: int, seed: int = BOOTSTRAP_SEED) -> list[ChanceTest]:
@@ -601,8 +677,10 @@ def chance_tests(groups: Sequence[Group], n_samples: int, seed: int = BOOTSTRAP_
             for model in MODELS:
                 ranks = run.model_ranks(model)
                 if ranks is not None:
-                    out.append(ChanceTest(run, group.label, model,
-                                          bootstrap_vs_chance(ranks, run.txt2img, n_samples=n_samples, seed=seed)))
+                    clusters = run.clusters
+                    result = bootstrap_vs_chance(ranks, run.txt2img, n_samples=n_samples, seed=seed, clusters=clusters)
+                    out.append(ChanceTest(run, group.label, model, result,
+                                          bootstrap_unit(clusters, len(ranks.tr))))
     return out
 
 
@@ -613,8 +691,80 @@ def chance_table(tests: Sequence[ChanceTest]) -> pd.DataFrame:
         rows.append({"Run": test.run.name, "Method": test.label, "Model": MODEL_NAMES[test.model],
                      "Scorer": SCORER_NAMES.get(test.run.headline, test.run.headline),
                      "R mean": f"{r['value']:.1f}", "chance R mean": f"{r['chance']:.2f}",
-                     "R mean − chance [95% CI]": _interval(r), "excludes chance": "yes" if r["lo"] > 0 else "no"})
+                     "R mean − chance [95% CI]": _interval(r), "excludes chance": "yes" if r["lo"] > 0 else "no",
+                     "bootstrap unit": test.unit or "–"})
     return pd.DataFrame(rows)
+
+
+def _group_seeds(group: Group) -> int:
+    return len({r.seed for r in group.runs})
+
+
+def _subject(comp: Comparison, name_a: str, name_b: str) -> str:
+    """What a claim without recipe-level evidence is about, with the seed counts."""
+    na, nb = _group_seeds(comp.a), _group_seeds(comp.b)
+    if na == nb == 1:
+        return "these two checkpoints (1 seed each)"
+    if na == nb:
+        return f"these {na}-seed runs ({na} seeds each)"
+    return f"these {na}-seed and {nb}-seed runs ({name_a} {_n_seeds(na)}, {name_b} {_n_seeds(nb)})"
+
+
+def _variant_sentence(comp: Comparison) -> str:
+    """The denoising − MAMO part of the verdict.
+
+    Recipes are compared only when both ran >= RECIPE_MIN_SEEDS common seeds: the claim
+    then rests on the across-seed t interval, and the bootstrap interval (one pair of
+    checkpoints) is named as the within-test-set uncertainty. Otherwise the claim is
+    about these checkpoints / these N-seed runs, with the seed counts.
+    """
+    na, nb = _group_seeds(comp.a), _group_seeds(comp.b)
+    rest = describe_diff(comp.a.diff, skip=("objective.variant",))
+    where = f" at {rest}" if rest else ""
+    scorer = SCORER_NAMES.get(comp.run_a.headline, "") if comp.run_a else ""
+    ci = comp.seed_ci
+    runs = f"runs {comp.run_a.name} vs {comp.run_b.name}" if comp.run_a and comp.run_b else ""
+    if ci is not None and ci["n"] >= RECIPE_MIN_SEEDS:
+        better = ("denoising is better than MAMO as a recipe" if ci["diff"] > 0
+                  else "MAMO is better than denoising as a recipe")
+        claim = f"excludes 0: {better}" if excludes_zero(ci) else \
+            "includes 0: no difference between the recipes can be claimed"
+        text = (f"Denoising − MAMO{where} as recipes (finetuned, {scorer}; denoising {_n_seeds(na)}, MAMO "
+                f"{_n_seeds(nb)}): over the {ci['n']} seeds both ran, the R mean difference is "
+                f"{_signed(ci['diff'])} ± {ci['std']:.1f} (mean ± std), 95% t interval over seeds "
+                f"[{_signed(ci['lo'])}, {_signed(ci['hi'])}] ({ci['dof']} dof); the across-seed interval {claim} "
+                f"(on this test split).")
+        if comp.result is not None:
+            r = comp.result["r_mean"]
+            text += (f" The within-test-set uncertainty of one pair of checkpoints ({runs}): paired bootstrap over "
+                     f"{comp.unit}, R mean {_signed(r['diff'])} points, 95% CI [{_signed(r['lo'])}, "
+                     f"{_signed(r['hi'])}] (it does not include seed-to-seed variation).")
+        else:
+            text += f" The within-test-set (bootstrap) interval is missing: {comp.why_not}."
+        return text
+    subject = _subject(comp, "denoising", "MAMO")
+    if comp.result is None:
+        text = f"Denoising − MAMO ({comp.title}; {subject}) has no interval: {comp.why_not}."
+    else:
+        r = comp.result["r_mean"]
+        claim = ("excludes 0: " + ("denoising is better" if r["diff"] > 0 else "MAMO is better")
+                 + f" for {subject} on this test split") if excludes_zero(r) else \
+            f"includes 0: no difference can be claimed for {subject}"
+        text = (f"Denoising − MAMO{where} (finetuned, {scorer}, {runs}): R mean {_signed(r['diff'])} points, "
+                f"95% CI [{_signed(r['lo'])}, {_signed(r['hi'])}] (paired bootstrap over {comp.unit}); "
+                f"the interval {claim}.")
+    if ci is not None:
+        text += (f" Over the {ci['n']} seeds both ran, the R mean difference is {_signed(ci['diff'])} ± "
+                 f"{ci['std']:.1f}, 95% t interval [{_signed(ci['lo'])}, {_signed(ci['hi'])}] ({ci['dof']} dof), "
+                 f"which {'excludes' if excludes_zero(ci) else 'includes'} 0.")
+    common = ci["n"] if ci is not None else 0
+    if min(na, nb) >= RECIPE_MIN_SEEDS:
+        text += (f" This is not a claim about the recipes: that needs >= {RECIPE_MIN_SEEDS} seeds run by both "
+                 f"({common} in common).")
+    else:
+        text += (f" This is not a claim about the recipes: that needs >= {RECIPE_MIN_SEEDS} seeds of each "
+                 f"(denoising {na}, MAMO {nb}).")
+    return text
 
 
 def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequence[ChanceTest],
@@ -623,20 +773,7 @@ def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequenc
     sentences = []
     variant = [c for c in comps if c.setting == "objective.variant"]
     for comp in variant:
-        if comp.result is None:
-            sentences.append(f"Denoising − MAMO ({comp.title}) has no interval: {comp.why_not}.")
-            continue
-        r = comp.result["r_mean"]
-        where = f" at {describe_diff(comp.a.diff, skip=('objective.variant',))}" \
-            if describe_diff(comp.a.diff, skip=("objective.variant",)) else ""
-        claim = ("excludes 0: " + ("denoising is better" if r["diff"] > 0 else "MAMO is better")
-                 + " on this test split") if excludes_zero(r) else "includes 0: no difference can be claimed"
-        seeds = (f" Over the {len(comp.per_seed)} seeds both ran, the R mean difference is "
-                 f"{_signed(float(np.mean(comp.per_seed)))} ± {np.std(comp.per_seed, ddof=1):.1f}."
-                 if comp.per_seed else "")
-        sentences.append(f"Denoising − MAMO{where} (finetuned, {SCORER_NAMES.get(comp.run_a.headline, '')}, runs "
-                         f"{comp.run_a.name} vs {comp.run_b.name}): R mean {_signed(r['diff'])} points, 95% CI "
-                         f"[{_signed(r['lo'])}, {_signed(r['hi'])}]; the interval {claim}.{seeds}")
+        sentences.append(_variant_sentence(comp))
     if not variant:
         sentences.append("No denoising − MAMO interval: no two runs differ only in objective.variant.")
     for group in groups:
@@ -648,10 +785,13 @@ def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequenc
                 sentences.append(f"ITM re-ranking does not beat ITC-only for {run.name} ({group.label}): finetuned "
                                  f"R mean {itm:.1f} re-ranked vs {itc:.1f} ITC-only.")
             for model in MODELS:
-                flags = _diagnostic_flags(run.diagnostics(model))
-                if flags:
-                    sentences.append(f"The fusion of {run.name} ({group.label}, {MODEL_NAMES[model]}) is not using a "
-                                     f"modality: {', '.join(flags)}.")
+                diag = run.diagnostics(model)
+                where = f"{run.name} ({group.label}, {MODEL_NAMES[model]})"
+                itm_flags, gap_flags = _diagnostic_flags(diag, ITM_FLOORS), _diagnostic_flags(diag, GAP_FLOORS)
+                if itm_flags:
+                    sentences.append(f"The ITM head of {where} is below its floor: {', '.join(itm_flags)}.")
+                if gap_flags:
+                    sentences.append(f"The fusion of {where} is not using a modality: {', '.join(gap_flags)}.")
     for level in levels:
         sentences.append(f"Chance R mean on {_split_text(level['split'])} is {level['chance']['r_mean']:.2f}.")
     if tests:
@@ -1081,24 +1221,40 @@ def build_report(
                if include_seed_numbers else ""))
     section("Diagnostics", diagnostics_table(groups),
             "No diagnostics: details.json has no `diagnostics` for any run.",
-            "Does the fusion use both modalities? ITM AUC: gold pairs against the ITC top-k non-gold candidates "
-            "(0.5 = no signal). Image-use gap: MLM loss with shuffled images minus with the matching ones (nats). "
-            "Text-use gap: the same for MIM with shuffled captions (models with a MIM head). 'below floor' flags "
+            "Does ITM order what re-ranking orders, and does the fusion use both modalities? ITM AUC top-k: per "
+            "query (images and captions), the AUC of the ITM logit over the query's ITC top-k candidates (gold "
+            "against the rest), averaged over the queries whose top-k holds both; ITM AUC random: each image "
+            "query's gold captions against random captions (does ITM match at all?); both with a bootstrap 95% "
+            "interval over queries (0.5 = no signal). Image-use gap: MLM loss with shuffled images minus with "
+            "the matching ones (nats), and relative to the matched loss; text-use gap: the same for MIM with "
+            "shuffled captions (models with a MIM head; its loss scale depends on the target, so compare the "
+            "relative gap). Every variant is measured at the same mask ratios (eval.gap_text_mask_ratio, "
+            "eval.gap_image_mask_ratio). 'below floor' flags "
             + ", ".join(f"{DIAGNOSTIC_NAMES[k]} < {v:g}" for k, v in DIAGNOSTIC_FLOORS.items()) + ".")
 
     lines.extend(["## Statistics", ""])
+    units = sorted({c.unit for c in comps if c.unit} | {t.unit for t in tests if t.unit})
+    unit_text = (f" Resampling unit here: {'; '.join(units)}." if units else "")
     section("Paired differences", statistics_table(comps),
             "No pair of methods differs in exactly one setting.",
             f"Every pair of methods that differ in exactly one setting: A − B in percentage points on the finetuned "
             f"model's ranks under the scorer named in the table (the two variants: denoising − MAMO; an ablation: changed − base), "
-            f"with the paired bootstrap 95% interval over test images ({bootstrap_samples} resamples of the "
-            f"images with replacement, the captions of a drawn image with it, the same resamples for A and B; "
-            f"RNG seed {BOOTSTRAP_SEED}). Seed 0 of each method (else its lowest seed); per-seed Δ: mean ± std of "
-            f"the R mean differences of the seeds both methods ran.", level="###")
+            f"with the paired bootstrap 95% interval over the test split's independent units ({bootstrap_samples} "
+            f"resamples with replacement, the same resamples for A and B; RNG seed {BOOTSTRAP_SEED}). The unit "
+            f"(column *bootstrap unit*) is the binding group where the split has them (images that are each other's "
+            f"distractors are not independent: all images of a drawn group enter together, each with its captions; "
+            f"an image outside any group is its own unit), else the image with its captions.{unit_text} This "
+            f"interval is the within-test-set uncertainty of one pair of checkpoints: seed 0 of each method (else "
+            f"its lowest seed). Per-seed Δ: mean ± std of the R mean differences of the seeds both methods ran; "
+            f"across-seed 95% CI: mean ± t(0.975, n−1) · std / √n over those n seeds (paired by seed, "
+            f"Student t), "
+            f"where both methods ran >= 2 common seeds. The verdict compares recipes only with >= "
+            f"{RECIPE_MIN_SEEDS} common seeds, on the across-seed interval.", level="###")
     section("Models against chance", chance_table(tests),
             "No ranks.npz: no model was tested against chance.",
-            f"R mean minus the exact chance level, with a 95% bootstrap interval ({bootstrap_samples} image "
-            "resamples; chance enters each resample as the expected hit of a random ranking).", level="###")
+            f"R mean minus the exact chance level, with a 95% bootstrap interval ({bootstrap_samples} resamples of "
+            "the unit named in the table; chance enters each resample as the expected hit of a random ranking).",
+            level="###")
 
     figure("Ablations (R@1)", plot_ablations(groups, figures / "ablations.png"),
            "No ablation chart: fewer than two methods have finished runs with metrics.")

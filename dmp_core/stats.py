@@ -7,19 +7,26 @@ Pure numpy; everything works on the per-query ranks that the evaluate stage writ
 - ``ir`` ranks, one per caption: the rank of the caption's gold image among all images;
 - ``txt2img``, one per caption: the index of its image.
 
-The bootstrap resamples *images* with replacement (a cluster bootstrap: the captions of
-one image share it and are not independent). A resample keeps the candidate gallery
-fixed and only changes which queries are averaged: text retrieval averages the ranks of
-the drawn images, image retrieval the ranks of every caption of the drawn images (an
-image drawn twice counts its captions twice). Two models are compared on the *same*
-resamples (a paired bootstrap), so the noise they share cancels.
+The bootstrap resamples the split's *independent units* with replacement (a cluster
+bootstrap). By default the unit is the image: the captions of one image share it and are
+not independent, so they enter with it. Given per-image ``clusters`` (the ``clusters``
+array of ranks.npz: images that are each other's distractors, e.g. the synthetic set's
+binding groups, share an id), the unit is the cluster: a resample draws as many clusters
+as the split has, and every image of a drawn cluster enters, with its captions. A
+resample keeps the candidate gallery fixed and only changes which queries are averaged:
+text retrieval averages the ranks of the drawn images, image retrieval the ranks of every
+caption of the drawn images (an image drawn twice counts its captions twice). Two models
+are compared on the *same* resamples (a paired bootstrap), so the noise they share cancels.
 
 All of it is vectorised: a resample is a row of image counts, and the recall sums of
 every resample are one matrix product of those counts with a per-image table.
+
+Across seeds, :func:`seed_interval` gives the Student t interval of a mean of paired
+per-seed differences.
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping, NamedTuple, Sequence
+from typing import Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -163,6 +170,24 @@ def _recalls_from_table(table: np.ndarray, g: np.ndarray, counts: np.ndarray, ks
     return out
 
 
+def canonical_clusters(clusters: Optional[np.ndarray], n_images: int) -> Optional[np.ndarray]:
+    """Per-image cluster ids relabelled 0..C-1 in order of first appearance (None stays None).
+
+    Any integer labels work; equal labels are one cluster. Images that each have their own
+    label (one cluster per image, in image order) become ``arange(N)``, for which the
+    cluster bootstrap draws exactly the resamples of the image bootstrap.
+    """
+    if clusters is None:
+        return None
+    c = np.asarray(clusters)
+    if c.shape != (n_images,) or not np.issubdtype(c.dtype, np.integer):
+        raise DataError(f"clusters: expected one integer cluster id per image ({n_images}), got {c.dtype} {c.shape}")
+    _, first, inverse = np.unique(c, return_index=True, return_inverse=True)
+    relabel = np.empty(len(first), dtype=np.int64)
+    relabel[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return relabel[inverse.reshape(-1)]
+
+
 def _check_indices(image_indices: np.ndarray, n_images: int) -> np.ndarray:
     idx = np.asarray(image_indices)
     if idx.ndim == 1:
@@ -211,13 +236,20 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
 
 
 def _bootstrap(table_a: np.ndarray, table_b: np.ndarray, g: np.ndarray, n_samples: int, seed: int,
-               ks: Sequence[int]) -> dict[str, np.ndarray]:
-    """Per-resample differences of two per-image tables over ``n_samples`` seeded resamples."""
+               ks: Sequence[int], clusters: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Per-resample differences of two per-image tables over ``n_samples`` seeded resamples.
+
+    ``clusters`` (canonical, 0..C-1 per image): C clusters are drawn per resample and an
+    image counts as often as its cluster was drawn; None: the images themselves are drawn.
+    """
     if n_samples < 1:
         raise DataError(f"bootstrap: n_samples must be >= 1, got {n_samples}")
+    n_units = len(g) if clusters is None else int(clusters.max()) + 1
     parts: dict[str, list[np.ndarray]] = {}
-    for idx in draw_resamples(len(g), n_samples, seed):
-        counts = _resample_counts(idx, len(g))
+    for idx in draw_resamples(n_units, n_samples, seed):
+        counts = _resample_counts(idx, n_units)
+        if clusters is not None:
+            counts = counts[:, clusters]  # [S, C] cluster draws -> [S, N] image counts
         a = _recalls_from_table(table_a, g, counts, ks)
         b = _recalls_from_table(table_b, g, counts, ks)
         for key in a:
@@ -227,20 +259,25 @@ def _bootstrap(table_a: np.ndarray, table_b: np.ndarray, g: np.ndarray, n_sample
 
 def paired_bootstrap(ranks_a: Ranks | Sequence[np.ndarray], ranks_b: Ranks | Sequence[np.ndarray],
                      txt2img: np.ndarray, n_samples: int = 2000, seed: int = 0, level: float = 0.95,
-                     ks: Sequence[int] = RECALL_KS) -> dict[str, dict[str, float]]:
+                     ks: Sequence[int] = RECALL_KS,
+                     clusters: Optional[np.ndarray] = None) -> dict[str, dict[str, float]]:
     """Paired cluster bootstrap of recall(A) - recall(B) on one test split.
 
     Returns metric -> ``{"diff", "lo", "hi"}`` for tr_r1..ir_r10, tr_mean, ir_mean and
     r_mean: ``diff`` is the difference on the full test set, ``lo``/``hi`` the
-    percentile interval at ``level`` over ``n_samples`` image resamples (the same
-    resamples for A and B; the same seed gives the same resamples).
+    percentile interval at ``level`` over ``n_samples`` resamples (the same resamples
+    for A and B; the same seed gives the same resamples). The resampled unit is the
+    image, or with ``clusters`` (one integer id per image) the cluster: all images of a
+    drawn cluster, with their captions, enter together.
     """
     ranks_a, g = _check_ranks(ranks_a, txt2img)
     ranks_b, _ = _check_ranks(ranks_b, txt2img)
     if len(ranks_a.tr) != len(ranks_b.tr):
         raise DataError(f"paired_bootstrap: the models ranked {len(ranks_a.tr)} and {len(ranks_b.tr)} images "
                         "(not the same split)")
-    samples = _bootstrap(_hits_table(ranks_a, txt2img, ks), _hits_table(ranks_b, txt2img, ks), g, n_samples, seed, ks)
+    clusters = canonical_clusters(clusters, len(g))
+    samples = _bootstrap(_hits_table(ranks_a, txt2img, ks), _hits_table(ranks_b, txt2img, ks), g, n_samples, seed, ks,
+                         clusters)
     full_a, full_b = recalls_from_ranks(*ranks_a, ks=ks), recalls_from_ranks(*ranks_b, ks=ks)
     out = {}
     for key, values in samples.items():
@@ -250,16 +287,18 @@ def paired_bootstrap(ranks_a: Ranks | Sequence[np.ndarray], ranks_b: Ranks | Seq
 
 
 def bootstrap_vs_chance(ranks: Ranks | Sequence[np.ndarray], txt2img: np.ndarray, n_samples: int = 2000,
-                        seed: int = 0, level: float = 0.95,
-                        ks: Sequence[int] = RECALL_KS) -> dict[str, dict[str, float]]:
+                        seed: int = 0, level: float = 0.95, ks: Sequence[int] = RECALL_KS,
+                        clusters: Optional[np.ndarray] = None) -> dict[str, dict[str, float]]:
     """Bootstrap of recall(model) - chance recall, per metric: ``{"value", "chance", "diff", "lo", "hi"}``.
 
     Chance enters each resample as the expected hit of a random ranking for each drawn
-    query (so a resample with many-caption images gets their higher TR chance).
+    query (so a resample with many-caption images gets their higher TR chance). The
+    resampled unit is as in :func:`paired_bootstrap` (images, or ``clusters``).
     """
     ranks, g = _check_ranks(ranks, txt2img)
+    clusters = canonical_clusters(clusters, len(g))
     table_chance = _chance_table(txt2img, len(g), ks)
-    samples = _bootstrap(_hits_table(ranks, txt2img, ks), table_chance, g, n_samples, seed, ks)
+    samples = _bootstrap(_hits_table(ranks, txt2img, ks), table_chance, g, n_samples, seed, ks, clusters)
     value, chance = recalls_from_ranks(*ranks, ks=ks), chance_recall(txt2img, ks, n_images=len(g))
     out = {}
     for key, values in samples.items():
@@ -271,3 +310,30 @@ def bootstrap_vs_chance(ranks: Ranks | Sequence[np.ndarray], txt2img: np.ndarray
 def excludes_zero(interval: Mapping[str, float]) -> bool:
     """Whether a ``{"lo", "hi"}`` interval lies entirely on one side of 0."""
     return interval["lo"] > 0 or interval["hi"] < 0
+
+
+# ------------------------------------------------------------------ across seeds
+def t_quantile(q: float, dof: int) -> float:
+    """The ``q`` quantile of Student's t with ``dof`` degrees of freedom (scipy.stats.t.ppf)."""
+    if dof < 1:
+        raise DataError(f"t_quantile: dof must be >= 1, got {dof}")
+    from scipy.stats import t  # scipy comes with scikit-image; imported here, only the report needs it
+
+    return float(t.ppf(q, dof))
+
+
+def seed_interval(differences: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Student t interval of the mean of paired per-seed differences (A - B of each seed both ran).
+
+    Returns ``{"diff": mean, "std": sample std (ddof 1), "lo", "hi", "n", "dof"}`` with
+    ``lo, hi = mean -/+ t(1 - (1 - level) / 2, n - 1) * std / sqrt(n)``; needs n >= 2.
+    The seeds are the independent units here: the interval is about the recipe (training
+    randomness included), on this one test set.
+    """
+    d = np.asarray([float(v) for v in differences], dtype=np.float64)
+    if d.ndim != 1 or len(d) < 2 or not np.isfinite(d).all():
+        raise DataError(f"seed_interval: needs >= 2 finite per-seed differences, got {list(differences)}")
+    n = len(d)
+    mean, std = float(d.mean()), float(d.std(ddof=1))
+    half = t_quantile(1.0 - (1.0 - level) / 2, n - 1) * std / float(np.sqrt(n))
+    return {"diff": mean, "std": std, "lo": mean - half, "hi": mean + half, "n": n, "dof": n - 1}

@@ -33,13 +33,16 @@ def step_cmd(
     batch: Annotated[int, typer.Option(help="pairs per step")] = 32,
     steps: Annotated[int, typer.Option(help="timed steps")] = 20,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 3,
+    amp: Annotated[str, typer.Option(help="auto | bf16 | off (pretrain.amp)")] = "auto",
+    image_size: Annotated[int, typer.Option(help="data.image_size (0: params.yaml's)")] = 0,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Full pretraining steps (forward, backward, optimiser, EMA where present)."""
     from dmp_core.benchmarks.step import bench_step
 
     cfg = load(params)
-    print(json.dumps(bench_step(cfg, variant=variant, preset=preset, batch=batch, steps=steps, warmup=warmup)), flush=True)
+    print(json.dumps(bench_step(cfg, variant=variant, preset=preset, batch=batch, steps=steps, warmup=warmup,
+                                amp=amp, image_size=image_size or None)), flush=True)
 
 
 @bench_app.command("eval")

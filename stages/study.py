@@ -1,4 +1,4 @@
-"""``dmp study ablations|scaling``: queue the planned DVC experiments, run them, report.
+"""``dmp study seeds|ablations|scaling``: queue the planned DVC experiments, run them, report.
 
 Each study plans one ``dvc exp run --queue --name <name> -S ++key=value ...`` per
 (setting, seed), checks every planned experiment's params against the schema before
@@ -76,6 +76,12 @@ class PlannedExp:
 def ablation_plan(seeds: int) -> list[PlannedExp]:
     return [PlannedExp(f"abl-{name}-s{seed}", {**overrides, "seed": str(seed)})
             for name, overrides in ABLATIONS for seed in range(seeds)]
+
+
+def seeds_plan(seeds: int, variants: Sequence[str] = VARIANTS, first_seed: int = 0) -> list[PlannedExp]:
+    """Each variant at the params.yaml settings with seeds ``first_seed..seeds-1``."""
+    return [PlannedExp(f"seed-{variant}-s{seed}", {"objective.variant": variant, "seed": str(seed)})
+            for variant in variants for seed in range(first_seed, seeds)]
 
 
 def budget_overrides(budget: Budget, base: Config, epochs: int) -> dict[str, str]:
@@ -290,6 +296,23 @@ def ablations_cmd(seeds: SeedsOpt = 1, jobs: JobsOpt = 1, dry_run: DryOpt = Fals
     """MAMO, denoising (HOG), pixel targets, no VICReg, no ITC, text mask ratio 0.25."""
     load(params)  # fail early on a bad params file
     plan = ablation_plan(seeds)
+    planned_configs(plan, params)
+    run_study(plan, jobs=jobs, dry_run=dry_run, params=params, rerun=rerun, poll_s=poll_s)
+
+
+@study_app.command("seeds")
+@guarded
+def seeds_cmd(
+    variants: Annotated[str, typer.Option(help="objective.variant values, comma-separated")] = VARIANTS_TEXT,
+    seeds: SeedsOpt = 3,
+    first_seed: Annotated[int, typer.Option(min=0, help="skip seeds below this one (e.g. 1 after `make run`, "
+                                                        "whose denoising-default and mamo-default are seed 0)")] = 0,
+    jobs: JobsOpt = 1, dry_run: DryOpt = False, rerun: RerunOpt = False,
+    poll_s: PollOpt = 15.0, params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Both variants at the params.yaml settings with several seeds (mean ± std, seed intervals)."""
+    load(params)
+    plan = seeds_plan(seeds, _variants(variants), first_seed)
     planned_configs(plan, params)
     run_study(plan, jobs=jobs, dry_run=dry_run, params=params, rerun=rerun, poll_s=poll_s)
 

@@ -87,7 +87,7 @@ class HandBuilt(nn.Module):
     def text_embed(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(states[:, 0] + 1.0, dim=-1)
 
-    def itm_logits(self, joint: torch.Tensor) -> torch.Tensor:
+    def itm_logits(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         tokens = self.layout.tokens(joint)
         if self.oracle:
             match = (tokens[:, 0, 3] == joint[:, 0, 0]).float() * 2 - 1
@@ -131,13 +131,27 @@ def test_itm_auc_leaves_out_candidates_identical_to_a_gold_caption(split):
     model = HandBuilt(oracle=True)
     enc = encode_split(model, dup, batch_size=5, device="cpu")
     sim = np.random.default_rng(0).normal(size=(dup.n_images, dup.n_texts)).astype(np.float32)
-    sim[0, dup.txt2img == 1] = sim[1, dup.txt2img == 0] = 10.0
-    kwargs = dict(k=4, n_queries=dup.n_images, itm_batch_size=7)
+    sim[0, dup.txt2img == 0] = 9.0  # gold in the top-k of query 0 ...
+    sim[0, dup.txt2img == 1] = 10.0  # ... below the identical captions of image 1
+    kwargs = dict(k=2 * CAPTIONS + 2, n_queries=1, itm_batch_size=7)
     plain = itm_auc(model, enc, sim, dup.txt2img, **kwargs)
     skipping = itm_auc(model, enc, sim, dup.txt2img, input_ids=dup.input_ids, **kwargs)
-    assert plain["n_auc_identical"] == 0 and skipping["n_auc_identical"] == 2 * CAPTIONS
-    assert skipping["n_auc_pairs"] == plain["n_auc_pairs"]  # k negatives per query either way
-    assert skipping["itm_auc"] > plain["itm_auc"]
+    assert plain["n_auc_identical"] == 0 and skipping["n_auc_identical"] >= CAPTIONS
+    assert plain["itm_auc_i2t"] == 0.75  # the oracle scores the identical captions as matches: ties
+    assert skipping["itm_auc_i2t"] == 1.0
+
+
+def test_itm_auc_is_per_query(split):
+    """A head whose logits carry a per-query offset (here: the image id) still orders each
+    query's candidates perfectly: per-query AUC 1, where a pooled ROC would mix the offsets."""
+    model = HandBuilt(oracle=True)
+    base = model.itm_logits
+    model.itm_logits = lambda joint, mask: base(joint, mask) + 10.0 * joint[:, :1, 0]  # image id offset
+    enc = encode_split(model, split, batch_size=5, device="cpu")
+    sim = np.random.default_rng(1).normal(size=(split.n_images, split.n_texts)).astype(np.float32)
+    out = itm_auc(model, enc, sim, split.txt2img, k=6, n_queries=split.n_images, itm_batch_size=7)
+    assert out["itm_auc_i2t"] == 1.0 and out["itm_auc_random"] == 1.0
+    assert out["itm_auc_lo"] <= out["itm_auc"] <= out["itm_auc_hi"]
 
 
 def test_image_use_gap_equals_the_known_logit(split):

@@ -171,6 +171,7 @@ def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path
     assert npz["i2t"].shape == (split.n_images, split.n_texts) and npz["t2i"].shape == (split.n_texts, split.n_images)
     np.testing.assert_array_equal(npz["txt2img"], split.txt2img)
     np.testing.assert_array_equal(ranks["txt2img"], split.txt2img)
+    _assert_clusters_are_the_binding_groups(ranks["clusters"], tiny_data["prepared"] / "test" / "images.json")
     np.testing.assert_array_equal(npz["i2t"], npz["finetune_i2t"])
     txt2img = npz["txt2img"].tolist()
     for name in ("pretrain", "finetune"):
@@ -183,7 +184,11 @@ def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path
             for key in ("tr_r1", "ir_r5", "r_mean"):
                 assert from_ranks[key] == pytest.approx(got[key])
         diag = on_disk["models"][name]["diagnostics"]
-        assert 0.0 <= diag["itm_auc"] <= 1.0 and diag["n_auc_queries"] == split.n_images
+        # per-query AUCs: at most one image and one caption query per diag query, only those
+        # whose ITC top-k holds both gold and non-gold candidates
+        assert 0.0 <= diag["itm_auc"] <= 1.0 and 0 < diag["n_auc_queries"] <= 2 * split.n_images
+        assert diag["itm_auc_lo"] <= diag["itm_auc"] <= diag["itm_auc_hi"]
+        assert 0.0 <= diag["itm_auc_random"] <= 1.0
         assert diag["image_use_gap"] == pytest.approx(diag["mlm_loss_shuffled"] - diag["mlm_loss_matched"])
         assert diag["text_use_gap"] == pytest.approx(diag["mim_loss_shuffled"] - diag["mim_loss_matched"])
     assert on_disk["models"]["pretrain"] != on_disk["models"]["finetune"]  # two models really were evaluated
@@ -194,10 +199,40 @@ def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path
                                                                    "ir_r10", "r_mean")},
                                     "itc_r_mean": ft["itc"]["r_mean"]}
     assert headline["pretrain"] == {"itc_r_mean": on_disk["models"]["pretrain"]["itc"]["r_mean"]}
+    pre = on_disk["models"]["pretrain"]["diagnostics"]
     assert headline["diagnostics"] == {
         "finetune_itm_auc": ft["diagnostics"]["itm_auc"],
-        "pretrain_image_use_gap": on_disk["models"]["pretrain"]["diagnostics"]["image_use_gap"],
-        "pretrain_text_use_gap": on_disk["models"]["pretrain"]["diagnostics"]["text_use_gap"]}
+        "finetune_itm_auc_random": ft["diagnostics"]["itm_auc_random"],
+        "pretrain_image_use_gap": pre["image_use_gap"],
+        "pretrain_image_use_gap_rel": pre["image_use_gap_rel"],
+        "pretrain_text_use_gap_rel": pre["text_use_gap_rel"]}
+    assert pre["image_use_gap_rel"] == pytest.approx(pre["image_use_gap"] / pre["mlm_loss_matched"])
+
+
+def _assert_clusters_are_the_binding_groups(clusters: np.ndarray, images_json: Path) -> None:
+    """ranks.npz ``clusters``: one int id per image; images share an id iff they share a non-null group."""
+    groups = [entry.get("group") for entry in json.loads(images_json.read_text())]
+    assert clusters.dtype == np.int64 and clusters.shape == (len(groups),)
+    assert any(g is not None for g in groups)  # the tiny synthetic test split has binding groups
+    for i, j in zip(*np.triu_indices(len(groups), k=1)):
+        same_group = groups[i] is not None and groups[i] == groups[j]
+        assert (clusters[i] == clusters[j]) == same_group, (i, j, groups[i], groups[j])
+    assert sorted(set(clusters.tolist())) == list(range(len(set(clusters.tolist()))))  # 0..C-1
+
+
+def test_run_evaluate_stops_on_a_bad_group_before_scoring(tiny_data, tmp_path) -> None:
+    import shutil
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_data["prepared"], prepared)
+    info = json.loads((prepared / "test/images.json").read_text())
+    info[3]["group"] = "pair-1"
+    (prepared / "test/images.json").write_text(json.dumps(info))
+    with pytest.raises(DataError) as err:
+        run_evaluate(tiny_config(), prepared, {"finetune": tmp_path / "never-loaded.safetensors"}, tmp_path,
+                     device="cpu")
+    msg = str(err.value)
+    assert "\n" not in msg and "test/images.json" in msg and "[3].group" in msg and "'pair-1'" in msg
 
 
 def test_run_evaluate_logs_to_the_training_runs(tiny_data, tmp_path, capsys) -> None:

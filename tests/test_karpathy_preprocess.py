@@ -397,3 +397,59 @@ def test_synthetic_metadata_reaches_images_json(tmp_path):
     items = {it.filename: it for it in read_karpathy(raw / "dataset_synthetic.json")}
     assert [i["objects"] for i in info] == [items[i["filename"]].extra["objects"] for i in info]
     assert any(i["group"] is not None for i in info)
+
+
+# ----------------------------------------------------------------- binding groups
+def _with_groups(groups):
+    """A mutate hook setting ``group`` on the entries named in ``groups`` (filename -> value)."""
+    def mutate(doc, images):
+        for entry in doc["images"]:
+            if entry["filename"] in groups:
+                entry["group"] = groups[entry["filename"]]
+    return mutate
+
+
+def test_groups_reach_images_json_and_become_clusters(tmp_path):
+    from dmp_core.training.dataset import PairDataset, read_image_clusters
+
+    raw = make_set(tmp_path, mutate=_with_groups({"extra1.jpg": 7, "extra2.jpg": 7, "rotated.jpg": None}))
+    run(tmp_path, raw)
+    out = tmp_path / "prepared"
+    test_info = json.loads((out / "test" / "images.json").read_text())
+    assert [i["group"] for i in test_info] == [7, 7]
+    val_info = json.loads((out / "val" / "images.json").read_text())
+    assert [i.get("group", "absent") for i in val_info] == [None, "absent"]
+    assert read_image_clusters(out / "test", 2).tolist() == [0, 0]  # one binding group: one unit
+    assert read_image_clusters(out / "val", 2).tolist() == [0, 1]  # null and absent: one unit per image
+    assert PairDataset(out, "train").image_clusters().tolist() == list(range(6))  # a real set: images
+
+
+def test_read_image_clusters_joins_equal_groups_and_names_bad_values(tmp_path):
+    from dmp_core.training.dataset import read_image_clusters
+
+    split = tmp_path / "test"
+    split.mkdir()
+    assert read_image_clusters(split, 3).tolist() == [0, 1, 2]  # older outputs without images.json
+    info = [{"group": 5}, {"group": None}, {"group": 2}, {"group": 5}, {}, {"group": 2}]
+    (split / "images.json").write_text(json.dumps(info))
+    clusters = read_image_clusters(split, 6)
+    assert clusters.dtype == np.int64 and clusters.tolist() == [0, 1, 2, 0, 3, 2]
+    for bad in ("a", 1.5, True, [1]):
+        (split / "images.json").write_text(json.dumps([{"group": 1}, {"group": bad}]))
+        with pytest.raises(DataError) as exc:
+            read_image_clusters(split, 2)
+        msg = str(exc.value)
+        assert "\n" not in msg and "images.json" in msg and "[1].group" in msg, msg
+    (split / "images.json").write_text(json.dumps([{"group": 1}]))
+    with pytest.raises(DataError, match="expected a list of 2 images"):
+        read_image_clusters(split, 2)
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_bad_group_in_the_raw_json_is_always_an_error(tmp_path, mode):
+    raw = make_set(tmp_path, mutate=_with_groups({"extra2.jpg": "g1"}))
+    with pytest.raises(DataError) as exc:
+        run(tmp_path, raw, data__on_bad_item=mode)
+    msg = str(exc.value)
+    assert "\n" not in msg and "dataset_flickr8k.json" in msg and "images[9].group" in msg and "'g1'" in msg
+    assert not (tmp_path / "prepared" / "test" / "images.npy").exists()

@@ -18,7 +18,8 @@ def test_image_mask_is_whole_blocks(grid, ratio):
     gh, gw = grid
     assert mask.shape == (16, gh * gw) and mask.dtype == torch.bool
     bh, bw = math.ceil(gh / 2), math.ceil(gw / 2)
-    want_blocks = math.ceil(bh * bw * ratio)
+    expected = bh * bw * ratio  # stochastic rounding: floor or ceil, within [1, blocks - 1]
+    want_blocks = {min(max(1, k), bh * bw - 1) for k in (math.floor(expected), math.ceil(expected))}
     for row in mask.view(16, gh, gw):
         blocks = 0
         for by in range(bh):
@@ -26,7 +27,7 @@ def test_image_mask_is_whole_blocks(grid, ratio):
                 cell = row[2 * by:2 * by + 2, 2 * bx:2 * bx + 2]
                 assert cell.all() or not cell.any()  # a block is masked entirely or not at all
                 blocks += bool(cell.any())
-        assert blocks == want_blocks
+        assert blocks in want_blocks
 
 
 def test_image_mask_follows_the_seed():
@@ -38,6 +39,54 @@ def test_image_mask_follows_the_seed():
     d = image_block_mask(4, (8, 8), 0.75)
     torch.manual_seed(3)
     assert torch.equal(d, image_block_mask(4, (8, 8), 0.75))  # global RNG by default
+
+
+def _block_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Masked blocks per row on the 4x4 patch grid tiled by 2x2 blocks (a 2x2 block grid)."""
+    return mask.view(-1, 2, 2, 2, 2).any(dim=2).any(dim=-1).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])
+def test_image_mask_count_is_unbiased_on_the_default_grid(ratio):
+    """64 px / 16 px patches = 2x2 blocks: E[masked blocks] = 4 * ratio, where ceil() gave
+    3 blocks for every ratio in (0.5, 0.75]."""
+    rows = 4000
+    counts = _block_counts(image_block_mask(rows, (4, 4), ratio, generator=torch.Generator().manual_seed(0)))
+    expected = 4 * ratio
+    p = expected - math.floor(expected)  # count = floor + Bernoulli(p)
+    stderr = math.sqrt(p * (1 - p) / rows)
+    assert abs(float(counts.float().mean()) - expected) <= 5 * stderr + 1e-6
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.9])
+def test_image_mask_never_masks_all_or_nothing(ratio):
+    mask = image_block_mask(4000, (4, 4), ratio, generator=torch.Generator().manual_seed(0))
+    assert mask.any(dim=1).all() and not mask.all(dim=1).any()
+    assert set(_block_counts(mask).unique().tolist()) == ({1} if ratio < 0.5 else {3})
+
+
+@pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75, 0.3])
+def test_image_mask_count_takes_the_two_neighbouring_integers(ratio):
+    counts = _block_counts(image_block_mask(4000, (4, 4), ratio, generator=torch.Generator().manual_seed(0)))
+    expected = 4 * ratio
+    values = set(counts.unique().tolist())
+    assert values <= {math.floor(expected), math.ceil(expected)}
+    if expected != math.floor(expected):
+        assert len(values) == 2  # both neighbours occur over 4000 rows
+
+
+def test_image_mask_single_block_is_masked():
+    """With one block (grid <= block) the clamp to at least one wins: the whole image is masked."""
+    for ratio in (0.1, 0.5, 0.9):
+        assert image_block_mask(3, (2, 2), ratio, generator=torch.Generator().manual_seed(0)).all()
+
+
+def test_image_mask_is_deterministic_given_the_seed_on_the_default_grid():
+    a = image_block_mask(64, (4, 4), 0.6, generator=torch.Generator().manual_seed(7))
+    b = image_block_mask(64, (4, 4), 0.6, generator=torch.Generator().manual_seed(7))
+    c = image_block_mask(64, (4, 4), 0.6, generator=torch.Generator().manual_seed(8))
+    assert a.shape == (64, 16) and a.dtype == torch.bool
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def _batch():

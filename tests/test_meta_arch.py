@@ -36,9 +36,9 @@ def micro_spec(width: int = 32) -> dict:
     return spec
 
 
-def build(cfg, stage="pretrain", width=32):
+def build(cfg, stage="pretrain", width=32, vocab_size=VOCAB):
     torch.manual_seed(0)
-    model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=VOCAB, spec=micro_spec(width),
+    model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=vocab_size, spec=micro_spec(width),
                          mim_dim=lambda image_width: mim_dim_for(cfg, image_width))
     return create_pretrainer(cfg, stage, model, meta={"pad_token_id": 0, "cls_token_id": 101,
                                                        "sep_token_id": 102, "mask_token_id": 103})
@@ -208,19 +208,43 @@ def test_no_redundant_passes():
     calls = _count_calls(pretrainer.model, names)
     pretrainer(make_batch())
     b = 8
-    assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [3 * b + b + b]}
+    # ITM: B positives + 2B hard + 2B uniform negatives; MIM and MLM: B each
+    assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [5 * b + b + b]}
     # without masked objectives no masked encodings are computed
     pretrainer = build(tiny_config(**COMBOS["denoising-mim-only"][0]
                                    | {"objective__mim": False, "objective__itc": True, "objective__itm": True}))
     calls = _count_calls(pretrainer.model, names)
     pretrainer(make_batch())
-    assert calls == {"encode_image": [b], "encode_text": [b], "fuse": [3 * b]}
+    assert calls == {"encode_image": [b], "encode_text": [b], "fuse": [5 * b]}
     # MAMO: the EMA runs once per tower, and its fusion once (clean pair)
     pretrainer = build(tiny_config(objective__variant="mamo"))
     calls, ema_calls = _count_calls(pretrainer.model, names), _count_calls(pretrainer.ema.module, names)
     pretrainer(make_batch())
-    assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [5 * b]}
+    assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [7 * b]}
     assert ema_calls == {"encode_image": [b], "encode_text": [b], "fuse": [b]}
+
+
+def test_uniform_negatives_add_one_easy_pair_per_anchor_and_direction():
+    names = ("fuse",)
+    b = 8
+    pretrainer = build(tiny_config(objective__itm_uniform_negatives=False, objective__mim=False, objective__mlm=False))
+    calls = _count_calls(pretrainer.model, names)
+    pretrainer(make_batch())
+    assert calls == {"fuse": [b + 2 * b]}  # ALBEF: positives and hard pairs
+    pretrainer = build(tiny_config(objective__itm_uniform_negatives=True, objective__mim=False, objective__mlm=False))
+    calls = _count_calls(pretrainer.model, names)
+    out = pretrainer(make_batch())
+    assert calls == {"fuse": [b + 2 * b + 2 * b]}  # positives, hard pairs, uniform pairs
+    # the ITM labels' prior is now 1:4: the loss at a constant logit pair equals its entropy
+    assert torch.isfinite(out["loss_itm"])
+
+
+def test_hard_negative_ramp_goes_from_uniform_to_the_softmax():
+    pretrainer = build(tiny_config(objective__itm_hard_warmup=0.5))
+    for progress, expected in ((0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (0.9, 1.0)):
+        pretrainer.progress = progress
+        assert pretrainer.hardness() == pytest.approx(expected)
+    assert build(tiny_config()).hardness() == 1.0  # no ramp: hard from the first step
 
 
 def test_deterministic_given_the_seed():

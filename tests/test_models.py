@@ -106,15 +106,15 @@ def test_shapes_and_api(micro):
     # default layout: [image CLS; 16 patches; 8 tokens], no fusion CLS
     assert micro.layout.patch_start == 1 and micro.layout.text_start == 17
     assert v.shape == (2, 17, 32) and t.shape == (2, 8, 32) and joint.shape == (2, 1 + 16 + 8, 32)
-    assert micro.itm_logits(joint).shape == (2, 2)
+    assert micro.itm_logits(joint, attn).shape == (2, 2)
     img_emb, txt_emb = micro.image_embed(v), micro.text_embed(t, attn)
     assert torch.allclose(img_emb.norm(dim=-1), torch.ones(2)) and txt_emb.shape == (2, 16)
     assert micro.mlm_logits(micro.layout.tokens(joint)).shape == (2, 8, VOCAB)
 
 
 @pytest.mark.parametrize("state, image_cls, length, head_in", [
-    ("text_cls", True, 1 + 16 + 8, 32), ("text_cls", False, 16 + 8, 32),
-    ("fusion_cls", True, 2 + 16 + 8, 32), ("concat", False, 1 + 16 + 8, 64)])
+    ("text_cls", True, 1 + 16 + 8, 32), ("text_cls", False, 16 + 8, 32), ("text_mean", True, 1 + 16 + 8, 32),
+    ("text_cls_mean", True, 1 + 16 + 8, 64), ("fusion_cls", True, 2 + 16 + 8, 32), ("concat", False, 1 + 16 + 8, 64)])
 def test_itm_state_reads_the_named_fused_state(state, image_cls, length, head_in):
     torch.manual_seed(0)
     model = create_model(ModelParams(itm_state=state, fusion_image_cls=image_cls), image_size=32,
@@ -124,9 +124,12 @@ def test_itm_state_reads_the_named_fused_state(state, image_cls, length, head_in
     joint = model.fuse(model.encode_image(images), model.encode_text(ids, attn), attn)
     assert joint.shape[1] == length and model.itm_head[0].in_features == head_in  # the MLP head's first layer
     text_cls = joint[:, model.layout.text_start]
-    expected = {"text_cls": text_cls, "fusion_cls": joint[:, 0],
+    real = [joint[b, model.layout.text_start:][attn[b].bool()] for b in range(2)]
+    text_mean = torch.stack([r.mean(dim=0) for r in real])  # brute force: the real tokens only
+    expected = {"text_cls": text_cls, "fusion_cls": joint[:, 0], "text_mean": text_mean,
+                "text_cls_mean": torch.cat([text_cls, text_mean], dim=-1),
                 "concat": torch.cat([joint[:, 0], text_cls], dim=-1)}[state]
-    assert torch.equal(model.pair_state(joint), expected)
+    assert torch.allclose(model.pair_state(joint, attn), expected, atol=1e-6)
     assert model.layout.tokens(joint).shape[1] == ids.shape[1]
     assert model.layout.patches(joint).shape[1] == model.num_patches
 
@@ -144,9 +147,9 @@ def test_fused_text_cls_depends_on_the_text_and_the_image(micro):
     images = micro.preprocess(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     ids, attn = _texts()
     v, t = micro.encode_image(images), micro.encode_text(ids, attn)
-    state = micro.pair_state(micro.fuse(v, t, attn))
-    swapped_image = micro.pair_state(micro.fuse(v.flip(0), t, attn))
-    other_text = micro.pair_state(micro.fuse(v, micro.encode_text(ids.flip(0), attn.flip(0)), attn.flip(0)))
+    state = micro.pair_state(micro.fuse(v, t, attn), attn)
+    swapped_image = micro.pair_state(micro.fuse(v.flip(0), t, attn), attn)
+    other_text = micro.pair_state(micro.fuse(v, micro.encode_text(ids.flip(0), attn.flip(0)), attn.flip(0)), attn.flip(0))
     assert (state - swapped_image).abs().max() > 1e-4 and (state - other_text).abs().max() > 1e-4
 
 
@@ -250,7 +253,7 @@ def test_padding_changes_nothing(micro):
     j1, j2 = micro.fuse(v, t1, attn), micro.fuse(v, t2, attn)
     joint_keep = torch.cat([torch.ones(2, 17, dtype=torch.bool), keep], dim=1)
     assert torch.allclose(j1[joint_keep], j2[joint_keep], atol=1e-6)
-    assert torch.allclose(micro.itm_logits(j1), micro.itm_logits(j2), atol=1e-6)
+    assert torch.allclose(micro.itm_logits(j1, attn), micro.itm_logits(j2, attn), atol=1e-6)
     # the mask is really used: attending to padding (all-ones mask) changes the outputs
     t3 = micro.encode_text(other, torch.ones_like(attn))
     assert not torch.allclose(t1[keep], t3[keep], atol=1e-4)

@@ -34,7 +34,14 @@ from dmp_core.report import (
     scaling_table,
     stale_warnings,
 )
-from dmp_core.stats import Ranks, chance_recall, paired_bootstrap, recalls_from_ranks
+from dmp_core.stats import (
+    Ranks,
+    bootstrap_vs_chance,
+    chance_recall,
+    paired_bootstrap,
+    recalls_from_ranks,
+    seed_interval,
+)
 
 N_IMAGES, CAPTIONS = 40, 2
 TXT2IMG = np.repeat(np.arange(N_IMAGES), CAPTIONS)
@@ -208,7 +215,9 @@ def test_statistics_give_the_paired_bootstrap_of_seed_0_and_per_seed_differences
 
 def test_verdict_quotes_the_interval_and_flags_reranking_diagnostics_and_chance(tmp_path) -> None:
     good = _run("workspace", 0.9, workspace=True)
-    weak = _run("mamo-default", 0.0, objective__variant="mamo", diag={"itm_auc": 0.52, "image_use_gap": 0.01})
+    weak = _run("mamo-default", 0.0, objective__variant="mamo",
+                diag={"itm_auc": 0.52, "itm_auc_random": 0.9, "image_use_gap": 0.01, "image_use_gap_rel": 0.005,
+                      "text_use_gap_rel": 0.3})
     ft = weak.details["models"]["finetune"]
     ft["itm"]["r_mean"], ft["itc"]["r_mean"] = 3.0, 4.5  # re-ranking lowers the ranking
     text = build_report([good, weak], tmp_path, baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
@@ -219,7 +228,10 @@ def test_verdict_quotes_the_interval_and_flags_reranking_diagnostics_and_chance(
     assert f"R mean {r['diff']:+.1f} points".replace("-", "−") in verdict
     assert "excludes 0: denoising is better" in verdict
     assert "ITM re-ranking does not beat ITC-only for mamo-default (mamo): finetuned R mean 3.0 re-ranked vs 4.5" in verdict
-    assert "mamo-default (mamo, finetuned) is not using a modality: ITM AUC 0.520 < 0.6, image-use gap 0.010 < 0.05" in verdict
+    assert ("The ITM head of mamo-default (mamo, finetuned) is below its floor: ITM AUC on the ITC top-k 0.520 < 0.6."
+            in verdict)  # but it does match against random negatives: no flag for that
+    assert ("mamo-default (mamo, finetuned) is not using a modality: relative image-use gap 0.005 < 0.02."
+            in verdict)  # the text-use gap says the other modality is used
     assert f"Chance R mean on synthetic test, 40 images / 80 captions is {chance_recall(TXT2IMG)['r_mean']:.2f}" in verdict
     assert "does not exclude chance" in verdict and "mamo-default (finetuned)" in verdict  # the model at chance
     # a tie: the interval includes 0 and the verdict says so
@@ -227,6 +239,120 @@ def test_verdict_quotes_the_interval_and_flags_reranking_diagnostics_and_chance(
     same.ranks, same.details = good.ranks, good.details
     tied = build_report([good, same], tmp_path / "tie", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
     assert "includes 0: no difference can be claimed" in tied
+
+
+CLUSTERS = np.repeat(np.arange(N_IMAGES // 2), 2)  # binding groups of 2 images (as ranks.npz stores them)
+
+
+def _cell(r: dict) -> str:
+    return f"{r['diff']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]".replace("-", "−")
+
+
+def _verdict(text: str) -> str:
+    return text.split("## Verdict")[1].split("\n## ")[0]
+
+
+def _stats_row(text: str, title: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {title} "))
+
+
+def _r_mean(run: Run) -> float:
+    return run.details["models"]["finetune"]["itm"]["r_mean"]
+
+
+def _finetune_ranks(run: Run) -> Ranks:
+    return Ranks(run.ranks["finetune_itm_tr"], run.ranks["finetune_itm_ir"])
+
+
+def test_bootstrap_resamples_binding_groups_and_names_the_unit(tmp_path) -> None:
+    """ranks.npz ``clusters`` makes the binding group the resampled unit, for the paired bootstrap and
+    the chance test; a run written before the field (no clusters) shares the split's groups."""
+    good = _run("workspace", 0.7, workspace=True)
+    good.ranks["clusters"] = CLUSTERS
+    old = _run("mamo-default", 0.4, objective__variant="mamo")  # evaluate output without clusters
+    text = build_report([good, old], tmp_path, baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
+    by_group = paired_bootstrap(_finetune_ranks(good), _finetune_ranks(old), TXT2IMG, n_samples=SAMPLES,
+                                seed=BOOTSTRAP_SEED, clusters=CLUSTERS)["r_mean"]
+    by_image = paired_bootstrap(_finetune_ranks(good), _finetune_ranks(old), TXT2IMG, n_samples=SAMPLES,
+                                seed=BOOTSTRAP_SEED)["r_mean"]
+    assert _cell(by_group) != _cell(by_image)
+    row = _stats_row(text, "denoising (baseline) − mamo")
+    assert _cell(by_group) in row and "binding groups (20 clusters of 40 images)" in row
+    assert "Resampling unit here: binding groups (20 clusters of 40 images)" in text
+    assert "over binding groups (20 clusters of 40 images)" in _verdict(text)
+    chance = bootstrap_vs_chance(_finetune_ranks(old), TXT2IMG, n_samples=SAMPLES, seed=BOOTSTRAP_SEED,
+                                 clusters=None)["r_mean"]
+    chance_row = next(line for line in text.split("Models against chance")[1].splitlines()
+                      if line.startswith("| mamo-default ") and "finetuned" in line)
+    assert "binding groups" not in chance_row and "images (40)" in chance_row  # its own file has no groups
+    assert _cell(chance) in chance_row
+    chance = bootstrap_vs_chance(_finetune_ranks(good), TXT2IMG, n_samples=SAMPLES, seed=BOOTSTRAP_SEED,
+                                 clusters=CLUSTERS)["r_mean"]
+    chance_row = next(line for line in text.split("Models against chance")[1].splitlines()
+                      if line.startswith("| workspace ") and "finetuned" in line)
+    assert _cell(chance) in chance_row and "binding groups (20 clusters of 40 images)" in chance_row
+
+    # no clusters anywhere (a real dataset, or older outputs): the unit is the image, named as such
+    plain = _run("workspace", 0.7, workspace=True)
+    text = build_report([plain, old], tmp_path / "plain", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
+    row = _stats_row(text, "denoising (baseline) − mamo")
+    assert _cell(by_image) in row and "images (40)" in row and "binding groups (" not in text
+    # two runs whose groups disagree are not on the same split
+    other = _run("mamo-default", 0.4, objective__variant="mamo")
+    other.ranks["clusters"] = np.arange(N_IMAGES) // 4
+    text = build_report([good, other], tmp_path / "clash", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
+    assert "different test splits (their binding groups differ)" in _stats_row(text, "denoising (baseline) − mamo")
+
+
+def test_two_common_seeds_give_the_across_seed_t_interval(tmp_path) -> None:
+    from scipy.stats import t
+
+    runs = [_run("workspace" if s == 0 else f"den-s{s}", 0.6, seed=s, workspace=s == 0) for s in (0, 1)]
+    runs += [_run(f"mamo-s{s}", 0.4, seed=s, objective__variant="mamo") for s in (0, 1)]
+    text = build_report(runs, tmp_path, baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
+    diffs = [_r_mean(runs[i]) - _r_mean(runs[i + 2]) for i in (0, 1)]
+    mean, half = np.mean(diffs), t.ppf(0.975, 1) * np.std(diffs, ddof=1) / np.sqrt(2)
+    cell = f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (t, 1 dof)".replace("-", "−")
+    row = _stats_row(text, "denoising (baseline) − mamo")
+    assert cell in row and "(2 seeds)" in row
+    verdict = _verdict(text)
+    interval = f"95% t interval [{mean - half:+.1f}, {mean + half:+.1f}] (1 dof)".replace("-", "−")
+    assert "Over the 2 seeds both ran" in verdict and interval in verdict
+    assert "for these 2-seed runs (2 seeds each)" in verdict
+    assert "as a recipe" not in verdict and "as recipes" not in verdict
+    assert "not a claim about the recipes: that needs >= 3 seeds of each (denoising 2, MAMO 2)" in verdict
+
+
+def test_verdict_speaks_of_recipes_only_with_three_seeds_each(study, tmp_path) -> None:
+    one = [_run("workspace", 0.7, workspace=True), _run("mamo-s0", 0.3, objective__variant="mamo")]
+    verdict = _verdict(build_report(one, tmp_path / "one", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text())
+    assert "excludes 0: denoising is better for these two checkpoints (1 seed each) on this test split" in verdict
+    assert "as a recipe" not in verdict and "as recipes" not in verdict and "t interval" not in verdict
+    assert "needs >= 3 seeds of each (denoising 1, MAMO 1)" in verdict
+
+    # 3 seeds of each (the study): the claim rests on the across-seed interval; the bootstrap is named
+    # as the within-test-set uncertainty of one pair of checkpoints
+    verdict = _verdict(build_report(study, tmp_path / "three", baseline=BASELINE,
+                                    bootstrap_samples=SAMPLES).read_text())
+    per_seed = [_r_mean(study[i]) - _r_mean(study[j]) for i, j in ((0, 3), (1, 4), (2, 5))]
+    ci = seed_interval(per_seed)
+    assert ci["lo"] > 0  # the synthetic study: denoising (quality 0.6) against MAMO (0.3)
+    interval = f"[{ci['lo']:+.1f}, {ci['hi']:+.1f}] (2 dof)".replace("-", "−")
+    assert "Denoising − MAMO as recipes (finetuned, ITM re-ranked; denoising 3 seeds, MAMO 3 seeds)" in verdict
+    assert (f"95% t interval over seeds {interval}; the across-seed interval excludes 0: denoising is better than "
+            f"MAMO as a recipe") in verdict
+    boot = paired_bootstrap(_finetune_ranks(study[0]), _finetune_ranks(study[3]), TXT2IMG, n_samples=SAMPLES,
+                            seed=BOOTSTRAP_SEED)["r_mean"]
+    numbers = f"R mean {boot['diff']:+.1f} points, 95% CI [{boot['lo']:+.1f}, {boot['hi']:+.1f}]".replace("-", "−")
+    assert ("within-test-set uncertainty of one pair of checkpoints (runs workspace vs mamo-s0): paired bootstrap "
+            f"over images (40), {numbers}") in verdict
+    assert "these two checkpoints" not in verdict and "-seed runs" not in verdict
+
+    # 3 seeds against 1: the seed counts are stated and no recipe is compared
+    uneven = study[:3] + [study[3]]
+    verdict = _verdict(build_report(uneven, tmp_path / "uneven", baseline=BASELINE,
+                                    bootstrap_samples=SAMPLES).read_text())
+    assert "these 3-seed and 1-seed runs (denoising 3 seeds, MAMO 1 seed)" in verdict and "as a recipe" not in verdict
 
 
 def test_a_run_missing_files_still_appears_with_what_it_has(tmp_path) -> None:

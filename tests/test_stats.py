@@ -1,5 +1,7 @@
-"""Recall statistics: the exact chance level against enumeration, and the paired cluster
-bootstrap against recall recomputed from resampled score matrices by the evaluation code."""
+"""Recall statistics: the exact chance level against enumeration, the paired cluster
+bootstrap against recall recomputed from resampled score matrices by the evaluation code,
+the bootstrap over binding groups (clusters of images) against a direct loop and an exact
+enumeration, and the across-seed Student t interval against known quantiles."""
 from __future__ import annotations
 
 import itertools
@@ -14,12 +16,15 @@ from dmp_core.stats import (
     BOOTSTRAP_METRICS,
     Ranks,
     bootstrap_vs_chance,
+    canonical_clusters,
     chance_recall,
     draw_resamples,
     excludes_zero,
     paired_bootstrap,
     recalls_from_ranks,
     resampled_differences,
+    seed_interval,
+    t_quantile,
 )
 
 RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
@@ -205,3 +210,144 @@ def test_bad_inputs_name_what_is_wrong() -> None:
         paired_bootstrap(good, Ranks(np.zeros(4, dtype=int), np.zeros(7, dtype=int)), txt2img, n_samples=10)
     with pytest.raises(DataError, match="image_indices"):
         resampled_differences(good, good, txt2img, np.array([[0, 9]]))
+
+
+# ------------------------------------------------------------------ clusters (binding groups)
+# 6 images with 1 or 2 captions; labels as run_evaluate might not write them (any integers):
+# by first appearance the clusters are {0, 1}, {2}, {3, 4}, {5}
+CL_TXT2IMG = np.repeat(np.arange(6), [1, 2, 1, 1, 2, 1])
+CL_LABELS = np.array([4, 4, 1, 7, 7, 0])
+CL_MEMBERS = [[0, 1], [2], [3, 4], [5]]
+CL_A = Ranks(np.array([0, 0, 12, 3, 0, 0]), np.array([0, 0, 1, 2, 0, 0, 9, 0]))
+CL_B = Ranks(np.array([2, 0, 0, 0, 6, 1]), np.array([0, 5, 0, 0, 3, 0, 0, 1]))
+
+
+def _drawn_recall(ranks: Ranks, txt2img: np.ndarray, members, drawn_clusters) -> dict[str, float]:
+    """Recall on the queries of the drawn clusters, written out: each drawn cluster adds all of
+    its images (text retrieval queries) and all of their captions (image retrieval queries)."""
+    images = [i for c in drawn_clusters for i in members[c]]
+    captions = [t for i in images for t in np.flatnonzero(txt2img == i)]
+    return recalls_from_ranks(ranks.tr[images], ranks.ir[captions])
+
+
+def test_canonical_clusters_number_by_first_appearance() -> None:
+    assert canonical_clusters(CL_LABELS, 6).tolist() == [0, 0, 1, 2, 2, 3]
+    assert canonical_clusters(np.arange(6) * 10, 6).tolist() == list(range(6))
+    assert canonical_clusters(None, 6) is None
+    with pytest.raises(DataError, match=r"clusters: expected one integer cluster id per image \(6\)"):
+        canonical_clusters(np.zeros(5, dtype=int), 6)
+    with pytest.raises(DataError, match="clusters"):
+        paired_bootstrap(CL_A, CL_B, CL_TXT2IMG, n_samples=10, clusters=np.zeros(6))  # floats
+
+
+def test_cluster_bootstrap_equals_a_direct_loop_over_drawn_clusters() -> None:
+    """Every resample (the seeded stream of cluster draws) recomputed with a plain Python loop."""
+    n_samples, seed = 600, 11  # more than one chunk of the stream
+    result = paired_bootstrap(CL_A, CL_B, CL_TXT2IMG, n_samples=n_samples, seed=seed, clusters=CL_LABELS)
+    chance = bootstrap_vs_chance(CL_A, CL_TXT2IMG, n_samples=n_samples, seed=seed, clusters=CL_LABELS)
+    exact_chance = _chance_per_query(CL_TXT2IMG)
+    diffs = {key: [] for key in BOOTSTRAP_METRICS}
+    vs_chance = []
+    for drawn in np.concatenate(list(draw_resamples(len(CL_MEMBERS), n_samples, seed))):
+        ra = _drawn_recall(CL_A, CL_TXT2IMG, CL_MEMBERS, drawn)
+        rb = _drawn_recall(CL_B, CL_TXT2IMG, CL_MEMBERS, drawn)
+        for key in BOOTSTRAP_METRICS:
+            diffs[key].append(ra[key] - rb[key])
+        images = [i for c in drawn for i in CL_MEMBERS[c]]
+        vs_chance.append(ra["r_mean"] - exact_chance(images))
+    for key in BOOTSTRAP_METRICS:
+        lo, hi = np.percentile(diffs[key], [2.5, 97.5])
+        assert (result[key]["lo"], result[key]["hi"]) == pytest.approx((lo, hi), abs=1e-9), key
+    lo, hi = np.percentile(vs_chance, [2.5, 97.5])
+    assert (chance["r_mean"]["lo"], chance["r_mean"]["hi"]) == pytest.approx((lo, hi), abs=1e-9)
+    # the point estimate is the full test set, whatever the unit
+    full = recalls_from_ranks(*CL_A)["r_mean"] - recalls_from_ranks(*CL_B)["r_mean"]
+    assert result["r_mean"]["diff"] == pytest.approx(full)
+    # drawing clusters is not drawing images: the image-level interval differs here
+    assert paired_bootstrap(CL_A, CL_B, CL_TXT2IMG, n_samples=n_samples, seed=seed)["r_mean"] != result["r_mean"]
+
+
+def _chance_per_query(txt2img: np.ndarray):
+    """R mean of a random ranking on the queries of the drawn images (expected hit per query)."""
+    n, m = txt2img.max() + 1, len(txt2img)
+    g = np.bincount(txt2img)
+
+    def tr_hit(gi: int, k: int) -> float:  # 1 - C(m - g, k) / C(m, k), with math.comb
+        from math import comb
+        return 1.0 - comb(m - gi, k) / comb(m, k) if k <= m else 1.0
+
+    def r_mean(images) -> float:
+        tr = [100 * np.mean([tr_hit(g[i], k) for i in images]) for k in (1, 5, 10)]
+        ir = [100 * min(k, n) / n for k in (1, 5, 10)]  # the same for every caption
+        return (np.mean(tr) + np.mean(ir)) / 2
+
+    return r_mean
+
+
+def test_cluster_bootstrap_interval_matches_exact_enumeration() -> None:
+    """4 clusters: all 4**4 equally likely resamples enumerated. The 2.5% and 97.5% quantiles of the
+    exact distribution of the R mean difference are what 20000 bootstrap resamples give."""
+    values = np.array([_drawn_recall(CL_A, CL_TXT2IMG, CL_MEMBERS, d)["r_mean"]
+                       - _drawn_recall(CL_B, CL_TXT2IMG, CL_MEMBERS, d)["r_mean"]
+                       for d in itertools.product(range(4), repeat=4)])
+    support, counts = np.unique(np.round(values, 9), return_counts=True)
+    cdf = np.cumsum(counts) / len(values)
+    lo_pos, hi_pos = int(np.searchsorted(cdf, 0.025)), int(np.searchsorted(cdf, 0.975))
+    # both levels fall well inside a step of the exact CDF (else sampling could move the quantile)
+    assert cdf[lo_pos - 1] + 0.005 < 0.025 < cdf[lo_pos] - 0.005
+    assert cdf[hi_pos - 1] + 0.005 < 0.975 < cdf[hi_pos] - 0.005
+    got = paired_bootstrap(CL_A, CL_B, CL_TXT2IMG, n_samples=20000, seed=3, clusters=CL_LABELS)["r_mean"]
+    assert got["lo"] == pytest.approx(support[lo_pos], abs=1e-6)
+    assert got["hi"] == pytest.approx(support[hi_pos], abs=1e-6)
+    assert got["diff"] == pytest.approx(values[np.ravel_multi_index((0, 1, 2, 3), (4,) * 4)])  # the full set
+
+
+def test_one_cluster_per_image_is_the_image_bootstrap_bit_for_bit() -> None:
+    scores, txt2img = _toy_pair()
+    img2txt = img2txt_from_txt2img(txt2img, 12)
+    a, b = (Ranks(*retrieval_ranks(*scores[m], txt2img, img2txt)) for m in "ab")
+    plain = paired_bootstrap(a, b, txt2img, n_samples=500, seed=1)
+    assert paired_bootstrap(a, b, txt2img, n_samples=500, seed=1, clusters=None) == plain
+    assert paired_bootstrap(a, b, txt2img, n_samples=500, seed=1, clusters=np.arange(12) + 100) == plain
+    assert bootstrap_vs_chance(a, txt2img, n_samples=500, seed=1, clusters=np.arange(12)) == \
+        bootstrap_vs_chance(a, txt2img, n_samples=500, seed=1)
+
+
+def test_clustered_interval_is_wider_when_members_are_perfectly_correlated() -> None:
+    """30 clusters of 3 images whose members always share their outcome: the data hold 30
+    independent units, not 90, and the cluster bootstrap's interval is about sqrt(3) wider."""
+    rng = np.random.default_rng(8)
+    n_clusters, size = 30, 3
+    clusters = np.repeat(np.arange(n_clusters), size)
+    txt2img = np.repeat(np.arange(n_clusters * size), 2)
+    ratios = []
+    for rep in range(5):
+        hit_a, hit_b = rng.random(n_clusters) < 0.6, rng.random(n_clusters) < 0.4
+        a = Ranks(np.where(hit_a[clusters], 0, 20), np.where(np.repeat(hit_a[clusters], 2), 0, 20))
+        b = Ranks(np.where(hit_b[clusters], 0, 20), np.where(np.repeat(hit_b[clusters], 2), 0, 20))
+        by_image = paired_bootstrap(a, b, txt2img, n_samples=1000, seed=rep)["r_mean"]
+        by_cluster = paired_bootstrap(a, b, txt2img, n_samples=1000, seed=rep, clusters=clusters)["r_mean"]
+        assert by_cluster["diff"] == by_image["diff"]
+        ratios.append((by_cluster["hi"] - by_cluster["lo"]) / (by_image["hi"] - by_image["lo"]))
+    assert min(ratios) > 1.3 and 1.45 < np.mean(ratios) < 2.0, ratios  # sqrt(3) = 1.73
+
+
+# ------------------------------------------------------------------ across seeds
+def test_t_quantiles_match_the_table() -> None:
+    known = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045}  # t(0.975, dof)
+    for dof, value in known.items():
+        assert t_quantile(0.975, dof) == pytest.approx(value, abs=5e-4), dof
+    with pytest.raises(DataError, match="dof"):
+        t_quantile(0.975, 0)
+
+
+def test_seed_interval_is_mean_plus_minus_t_times_standard_error() -> None:
+    ci = seed_interval([1.0, 2.0, 3.0])  # mean 2, std 1, n 3
+    half = 4.302653 / np.sqrt(3)
+    assert (ci["diff"], ci["std"], ci["n"], ci["dof"]) == (2.0, 1.0, 3, 2)
+    assert (ci["lo"], ci["hi"]) == pytest.approx((2 - half, 2 + half), abs=1e-5)
+    assert not excludes_zero(ci) and excludes_zero(seed_interval([1.5, 2.0, 2.5]))  # half-width 2.48, 1.24
+    wide = seed_interval([4.0, 1.0, 2.5], level=0.99)
+    assert wide["hi"] - wide["lo"] > ci["hi"] - ci["lo"]
+    with pytest.raises(DataError, match=">= 2"):
+        seed_interval([1.0])

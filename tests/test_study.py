@@ -62,6 +62,18 @@ def test_ablations_dry_run_commands() -> None:
     assert lines[-1][:2] == ["dmp", "report"]
 
 
+def test_seeds_dry_run_runs_both_variants_with_every_seed() -> None:
+    _, lines = _dry("seeds", "--seeds", "3")
+    cfgs = _configs([c for c in lines if c[:3] == ["dvc", "exp", "run"]])
+    assert {(c.objective.variant, c.seed) for c in cfgs.values()} == {
+        (v, s) for v in ("mamo", "denoising") for s in (0, 1, 2)}
+    assert cfgs["seed-mamo-s2"].pretrain.steps == load_config(PARAMS).pretrain.steps  # the rest from params.yaml
+    # after `make run` (seed 0 of both variants), only the other seeds
+    _, lines = _dry("seeds", "--seeds", "3", "--first-seed", "1")
+    names = [c[5] for c in lines if c[:3] == ["dvc", "exp", "run"]]
+    assert sorted(names) == ["seed-denoising-s1", "seed-denoising-s2", "seed-mamo-s1", "seed-mamo-s2"]
+
+
 def test_scaling_dry_run_chooses_fractions_variants_seeds() -> None:
     policy, lines = _dry("scaling", "--seeds", "2", "--fractions", "0.2,0.6", "--variants", "denoising")
     runs = [c for c in lines if c[:3] == ["dvc", "exp", "run"]]

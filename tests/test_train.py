@@ -46,6 +46,27 @@ def test_schedule_linear_warmup_then_cosine_to_min_at_last_step():
     assert lrs[-2] > 1e-5  # ... and not before (the seed's schedule sat at the minimum)
 
 
+def test_fused_side_holds_its_peak_then_decays_to_min_at_the_last_step():
+    from dmp_core.training.schedule import is_fusion_side
+
+    train = TrainParams(steps=40, warmup=0.1, lr=1e-3, fusion_lr_scale=2.0, fusion_lr_hold=0.5, min_lr=1e-5)
+    model = torch.nn.ModuleDict({"vision": torch.nn.Linear(4, 4), "fusion": torch.nn.Linear(4, 4)})
+    opt = build_optimizer(model, train)
+    sched = build_scheduler(opt, train, total_steps=40)
+    towers, fused = [], []
+    for step in range(40):
+        sched.step_update(step)
+        towers.append(next(g["lr"] for g in opt.param_groups if not g["fused"]))
+        fused.append(next(g["lr"] for g in opt.param_groups if g["fused"]))
+    assert all(is_fusion_side(n) == any(p is q for g in opt.param_groups if g["fused"] for q in g["params"])
+               for n, p in model.named_parameters())
+    assert fused[:4] == pytest.approx([2 * t for t in towers[:4]])  # the same warmup
+    assert fused[4:21] == pytest.approx([2e-3] * 17)  # held at the peak until half the run
+    assert towers[20] < 0.6e-3  # while the towers decay
+    assert all(a > b for a, b in zip(fused[20:], fused[21:]))
+    assert fused[-1] == pytest.approx(2e-5) and towers[-1] == pytest.approx(1e-5)
+
+
 def test_warmup_is_a_share_of_the_run():
     from dmp_core.training.schedule import warmup_steps_for
 

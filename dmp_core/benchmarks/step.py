@@ -11,7 +11,7 @@ import torch
 from dmp_core.config import Config, ParamsError, config_from_dict, preset_spec
 from dmp_core.training.meta_arch import create_pretrainer
 from dmp_core.training.schedule import build_optimizer
-from dmp_core.training.loop import peak_rss_mb
+from dmp_core.training.loop import cpu_has_native_bf16, peak_rss_mb, use_bf16
 from dmp_core.models import model_from_config
 
 MINILM_VOCAB = 30522
@@ -38,8 +38,10 @@ def random_batch(cfg: Config, batch: int, *, patch: int, vocab_size: int, genera
     }
 
 
-def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
-    """Time ``steps`` optimiser steps after ``warmup`` untimed ones; random init (no network)."""
+def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, warmup: int, amp: str = "auto",
+               image_size: int | None = None) -> dict[str, Any]:
+    """Time ``steps`` optimiser steps after ``warmup`` untimed ones; random init (no network).
+    ``amp`` as ``pretrain.amp`` (auto: bf16 where :func:`use_bf16` says it pays)."""
     if steps < 1 or batch < 2 or warmup < 0:
         raise ParamsError(f"bench step: need steps >= 1, batch >= 2, warmup >= 0 (got {steps}, {batch}, {warmup})")
     raw = cfg.model_dump(mode="json")
@@ -48,6 +50,9 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
     raw["targets"]["patch"] = None  # the preset's patch size
     raw["targets"]["hog"]["cell"] = preset_spec(preset)["image"]["patch_size"] // 2
     raw["pretrain"]["batch_size"] = batch
+    raw["pretrain"]["amp"] = amp
+    if image_size:
+        raw["data"]["image_size"] = image_size
     cfg = config_from_dict(raw, source="bench step")
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,12 +63,12 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
     gen = torch.Generator().manual_seed(cfg.seed)
     data = random_batch(cfg, batch, patch=model.patch_size, vocab_size=MINILM_VOCAB, generator=gen)
     data = {k: v.to(device) for k, v in data.items()}
-    amp = device.type == "cuda" and cfg.pretrain.amp != "off"
+    bf16 = use_bf16(cfg.pretrain.amp, device, preset)
 
     counter = [0]
 
     def step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = pretrainer(data)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -95,6 +100,6 @@ def bench_step(cfg: Config, variant: str, preset: str, batch: int, steps: int, w
         # process CPU time (all threads): with 1 thread, a figure other processes barely disturb
         "cpu_s_per_step": round(cpu_seconds / steps, 4),
         "peak_rss_mb": round(peak_rss_mb(), 1), "torch_threads": torch.get_num_threads(),
-        "device": str(device), "final_loss": round(loss, 4),
+        "device": str(device), "bf16": bf16, "cpu_native_bf16": cpu_has_native_bf16(), "final_loss": round(loss, 4),
         "params_trainable": sum(p.numel() for p in params),
     }

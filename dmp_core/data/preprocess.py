@@ -6,7 +6,8 @@ For every split (``train``, ``val``, ``test``) it writes under ``out_dir``::
     <split>/captions.parquet    caption_id, image_index, raw, clean
     <split>/tokens.npy          int32 [M, L]   (row m = caption_id m)
     <split>/attention_mask.npy  uint8 [M, L]
-    <split>/images.json         per image: filename, filepath, source_id, json_index (+ synthetic fields)
+    <split>/images.json         per image: filename, filepath, source_id, json_index (+ synthetic fields:
+                                objects, variant, group)
     meta.json                   tokenizer, vocab size, special ids, max_tokens, image_size, counts
 
 and ``reports_dir/summary.json`` (counts, skipped items by reason, listed).
@@ -15,6 +16,12 @@ Images are decoded with Pillow in a thread pool (Pillow releases the GIL while i
 decodes and resamples), EXIF orientation is honoured, every mode is converted to
 RGB (alpha composited on white) and resized to ``data.image_size``: shorter side
 then centre crop (``shorter_crop``) or both sides (``squash``).
+
+The raw entries' ``group`` field (synthetic binding groups: test images that are each
+other's distractors, an int id or null) is carried to ``images.json``; evaluation makes
+each group one resampling unit of the bootstrap
+(:func:`dmp_core.training.dataset.read_image_clusters`). A ``group`` that is neither an
+integer nor null is an error naming the file and the entry's field, in both modes.
 
 Bad items follow ``data.on_bad_item``: ``error`` stops at the first with one line
 naming it; ``skip`` leaves it out and lists it in the summary. A split without
@@ -149,6 +156,17 @@ class _Skips:
         return out
 
 
+def check_groups(items: list[KarpathyImage], json_path: Path) -> None:
+    """Every ``group`` present must be an integer id or null (one-line DataError naming the field)."""
+    for it in items:
+        if "group" not in it.extra:
+            continue
+        group = it.extra["group"]
+        if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
+            raise DataError(f"{json_path}: images[{it.index}].group: expected an integer group id or null "
+                            f"(got {group!r:.80})")
+
+
 @dataclass
 class _Image:
     item: KarpathyImage
@@ -271,6 +289,7 @@ def run_preprocess(cfg: Any, raw_dir: str | Path, out_dir: str | Path = Path("da
     d = cfg.data
     json_path = dataset_json(raw_dir, d.name)
     items = read_karpathy(json_path)
+    check_groups(items, json_path)
     skips = _Skips(d.on_bad_item, json_path)
     tok = load_tokenizer(d.tokenizer)
     info = TokenizerInfo.of(d.tokenizer, tok)

@@ -160,3 +160,21 @@ def tokenize(
 def decode(tok: Any, ids: Iterable[int]) -> str:
     """Token ids back to text without special tokens (for checks and galleries)."""
     return tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def swap_table(name: str = MINILM):
+    """The token ids of the swapped-caption word classes (:mod:`dmp_core.losses.swaps`) in the
+    vocabulary of tokenizer ``name``: words that are one WordPiece token; others are left out."""
+    from dmp_core.losses.swaps import ANTONYM_CLASSES, EXCHANGE_CLASSES, SwapTable
+
+    tok = load_tokenizer(name)
+    vocab = tok.get_vocab()
+
+    def ids(classes):
+        out = []
+        for groups in classes.values():
+            kept = tuple(tuple(vocab[w] for w in group if w in vocab) for group in groups)
+            out.append(tuple(g for g in kept if g))
+        return tuple(out)
+
+    return SwapTable(exchange=ids(EXCHANGE_CLASSES), antonym=ids(ANTONYM_CLASSES))

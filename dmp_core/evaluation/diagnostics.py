@@ -5,9 +5,10 @@ prior makes re-ranked recall noise, and a fusion that ignores the image makes "M
 conditioned on the image" plain language modelling. Three measurements, each on the
 evaluated split, each a difference the model can only produce by using a modality:
 
-* **ITM AUC** (:func:`itm_auc`): ROC-AUC of the ITM match logit, gold pairs against the
-  ITC top-k non-gold candidates of the same queries, i.e. exactly the pairs re-ranking
-  must order. 0.5 = the head cannot tell them apart.
+* **ITM AUC** (:func:`itm_auc`): per query, the ROC-AUC of the ITM match logit over
+  exactly the candidates re-ranking orders (the query's ITC top-k, gold among them),
+  averaged over queries in both directions; beside it the same against random negatives
+  (does ITM match at all?). 0.5 = the head cannot order them.
 * **image-use gap** (:func:`image_use_gap`): MLM loss (nats per masked token) with
   shuffled images minus with the matching images, same captions and same masks. 0 = the
   masked-token predictions ignore the image.
@@ -34,46 +35,106 @@ def _query_images(n_images: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_images - 1, num=min(count, n_images)).round().astype(np.int64))
 
 
+def _query_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC-AUC of one query's candidates: P(score of a positive > score of a negative),
+    ties counted half (the Mann-Whitney statistic)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def _row_keys(input_ids: Optional[np.ndarray], n: int) -> list:
+    """One hashable key per caption (its token ids), or each caption's index when unknown."""
+    if input_ids is None:
+        return list(range(n))
+    return [np.asarray(row).tobytes() for row in input_ids]
+
+
+def bootstrap_mean(values: np.ndarray, *, n_samples: int = 1000, seed: int = 0, level: float = 0.95
+                   ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (queries resampled with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_samples, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
 @torch.inference_mode()
 def itm_auc(model: torch.nn.Module, enc: EncodedSplit, sim_i2t: np.ndarray, txt2img: np.ndarray, *, k: int,
-            n_queries: int, itm_batch_size: int = 256, input_ids: Optional[np.ndarray] = None) -> dict[str, float]:
-    """ROC-AUC of ITM logits: every gold caption of a query image (label 1) against its
-    ITC top-``k`` non-gold captions (label 0), pooled over ``n_queries`` images.
+            n_queries: int, itm_batch_size: int = 256, input_ids: Optional[np.ndarray] = None,
+            seed: int = 0) -> dict[str, float]:
+    """Per-query ITM AUCs, each averaged over queries, with a bootstrap interval over queries.
 
-    With the split's token ids ``input_ids`` [T, L], a non-gold caption whose tokens equal
-    one of the query's gold captions is left out: it is the same input as a gold pair
-    (the synthetic set repeats captions across images), so no model can score it lower.
-    ``n_auc_identical`` counts them."""
-    from sklearn.metrics import roc_auc_score
+    * ``itm_auc`` -- what re-ranking needs: for each query (``n_queries`` images and
+      ``n_queries`` captions spread over the split), the ROC-AUC of the ITM match logit
+      over exactly the candidates re-ranking orders, the query's ITC top-``k``: gold
+      candidates (label 1) against the others (label 0). Queries whose top-k holds no gold
+      or only gold have no order to fix and are left out (``n_auc_queries`` counts the
+      rest). The mean of the image->text and text->image query AUCs (each also reported).
+    * ``itm_auc_random`` -- does ITM match at all: each query image's gold captions
+      against ``k`` captions of other images drawn at random (fixed ``seed``).
 
+    With the split's token ids ``input_ids`` [T, L], a candidate caption identical to one of
+    the query's gold captions (the synthetic set repeats captions across images) is a true
+    match by construction: it is left out of the negatives (``n_auc_identical`` counts
+    them), in both directions. 0.5 = the head cannot order the candidates."""
     txt2img = np.asarray(txt2img)
-    images, texts, labels = [], [], []
+    n_images, n_texts = sim_i2t.shape
+    keys = _row_keys(input_ids, n_texts)
+    images_of_key: dict[Any, set] = {}
+    for t, key in enumerate(keys):
+        images_of_key.setdefault(key, set()).add(int(txt2img[t]))
+    rng = np.random.default_rng(seed)
+    # (kind, query) -> list of (image, text, label); kind: i2t | t2i | random
+    queries: list[tuple[str, list[tuple[int, int, int]]]] = []
     identical = 0
-    for i in _query_images(sim_i2t.shape[0], n_queries):
-        gold = np.flatnonzero(txt2img == i)
-        order = np.argsort(-sim_i2t[i], kind="stable")
-        candidates = order[txt2img[order] != i]
-        if input_ids is None:
-            negatives = candidates[:k]
-        else:  # walk down the ITC ranking, skipping captions identical to a gold one
-            gold_rows = {tuple(np.asarray(input_ids[g]).tolist()) for g in gold}
-            negatives = []
-            for t in candidates:
-                if len(negatives) == k:
-                    break
-                if tuple(np.asarray(input_ids[t]).tolist()) in gold_rows:
-                    identical += 1
-                else:
-                    negatives.append(t)
-        for t, label in [(g, 1) for g in gold] + [(n, 0) for n in negatives]:
-            images.append(i)
-            texts.append(int(t))
-            labels.append(label)
-    scores = itm_scores(model, enc, torch.tensor(images), torch.tensor(texts), itm_batch_size).numpy()
-    labels_arr = np.asarray(labels)
-    auc = float(roc_auc_score(labels_arr, scores)) if 0 < labels_arr.sum() < len(labels_arr) else float("nan")
-    return {"itm_auc": auc, "n_auc_queries": int(len(set(images))), "n_auc_pairs": int(len(labels)),
-            "n_auc_identical": identical}
+    for i in _query_images(n_images, n_queries):
+        gold_keys = {keys[g] for g in np.flatnonzero(txt2img == i)}
+        top = np.argsort(-sim_i2t[i], kind="stable")[:k]
+        cands = []
+        for t in top:
+            if txt2img[t] != i and keys[t] in gold_keys:
+                identical += 1
+                continue
+            cands.append((int(i), int(t), int(txt2img[t] == i)))
+        queries.append(("i2t", cands))
+        others = np.flatnonzero((txt2img != i) & np.array([key not in gold_keys for key in keys]))
+        drawn = rng.choice(others, size=min(k, len(others)), replace=False) if len(others) else []
+        queries.append(("random", [(int(i), int(g), 1) for g in np.flatnonzero(txt2img == i)]
+                        + [(int(i), int(t), 0) for t in drawn]))
+    for t in _query_images(n_texts, n_queries):
+        gold = int(txt2img[t])
+        top = np.argsort(-sim_i2t[:, t], kind="stable")[:k]
+        cands = []
+        for i in top:
+            if i != gold and int(i) in images_of_key[keys[t]]:
+                identical += 1
+                continue
+            cands.append((int(i), int(t), int(i == gold)))
+        queries.append(("t2i", cands))
+    flat = [pair for _, cands in queries for pair in cands]
+    scores = itm_scores(model, enc, torch.tensor([p[0] for p in flat]), torch.tensor([p[1] for p in flat]),
+                        itm_batch_size).numpy() if flat else np.zeros(0)
+    per_kind: dict[str, list[float]] = {"i2t": [], "t2i": [], "random": []}
+    pos = 0
+    for kind, cands in queries:
+        labels = np.asarray([p[2] for p in cands], dtype=np.int64)
+        s = scores[pos:pos + len(cands)]
+        pos += len(cands)
+        if 0 < labels.sum() < len(labels):
+            per_kind[kind].append(_query_auc(s, labels))
+    topk = np.asarray(per_kind["i2t"] + per_kind["t2i"])
+    random = np.asarray(per_kind["random"])
+    mean = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
+    lo, hi = bootstrap_mean(topk, seed=seed)
+    rlo, rhi = bootstrap_mean(random, seed=seed)
+    return {"itm_auc": mean(topk), "itm_auc_lo": lo, "itm_auc_hi": hi,
+            "itm_auc_i2t": mean(per_kind["i2t"]), "itm_auc_t2i": mean(per_kind["t2i"]),
+            "itm_auc_random": mean(random), "itm_auc_random_lo": rlo, "itm_auc_random_hi": rhi,
+            "n_auc_queries": int(len(topk)), "n_auc_pairs": int(len(flat)), "n_auc_identical": identical}
 
 
 def _pairs(data: RetrievalSplit, n_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,13 +229,16 @@ def text_use_gap(model: torch.nn.Module, data: RetrievalSplit, cfg: Any, *, n_pa
 
 
 def modality_gaps(model: torch.nn.Module, data: RetrievalSplit, cfg: Any, special: Any) -> dict[str, Any]:
-    """Image-use and text-use gaps with the run's own mask ratios (eval.diag_pairs pairs)."""
-    objectives = cfg.objective.resolve()
+    """Image-use and text-use gaps (eval.diag_pairs pairs) at the common mask ratios
+    ``eval.gap_text_mask_ratio`` / ``eval.gap_image_mask_ratio``, the same for every variant
+    (each variant trains with its own ratios, and a loss measured at another ratio is
+    another quantity), each also relative to its matched loss (``*_rel``)."""
     n_pairs = cfg.eval.diag_pairs
-    # the finetuned model is measured with the pretraining mask ratios of its variant
-    text_ratio = objectives.text_mask_ratio
-    out: dict[str, Any] = image_use_gap(model, data, n_pairs=n_pairs, mask_ratio=text_ratio, special=special,
-                                        seed=cfg.seed)
-    out.update(text_use_gap(model, data, cfg, n_pairs=n_pairs, mask_ratio=objectives.image_mask_ratio,
+    out: dict[str, Any] = image_use_gap(model, data, n_pairs=n_pairs, mask_ratio=cfg.eval.gap_text_mask_ratio,
+                                        special=special, seed=cfg.seed)
+    out.update(text_use_gap(model, data, cfg, n_pairs=n_pairs, mask_ratio=cfg.eval.gap_image_mask_ratio,
                             seed=cfg.seed))
+    for name, matched in (("image_use_gap", "mlm_loss_matched"), ("text_use_gap", "mim_loss_matched")):
+        gap, base = out.get(name), out.get(matched)
+        out[f"{name}_rel"] = gap / base if gap is not None and base else None
     return out

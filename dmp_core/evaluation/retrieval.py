@@ -200,9 +200,9 @@ def itm_scores(
         im = image_idx[rows].to(enc.image_states.device)
         tx = text_idx[rows].to(enc.text_states.device)
         width = int(lengths[tx.cpu()].max())
-        joint = model.fuse(enc.image_states[im].to(dtype), enc.text_states[tx, :width].to(dtype),
-                           enc.text_mask[tx, :width])
-        out[rows] = model.itm_logits(joint)[:, 1].float().cpu()
+        mask = enc.text_mask[tx, :width]
+        joint = model.fuse(enc.image_states[im].to(dtype), enc.text_states[tx, :width].to(dtype), mask)
+        out[rows] = model.itm_logits(joint, mask)[:, 1].float().cpu()
     return out
 
 
@@ -377,7 +377,8 @@ def headline_metrics(details: Mapping[str, Any]) -> dict[str, Any]:
     if "pretrain" in models:  # zero-shot: ITC, the first-stage ranking every variant has
         out["pretrain"] = {"itc_r_mean": models["pretrain"]["itc"]["r_mean"]}
     diags = {}
-    for name, key in (("finetune", "itm_auc"), ("pretrain", "image_use_gap"), ("pretrain", "text_use_gap")):
+    for name, key in (("finetune", "itm_auc"), ("finetune", "itm_auc_random"), ("pretrain", "image_use_gap"),
+                      ("pretrain", "image_use_gap_rel"), ("pretrain", "text_use_gap_rel")):
         if name in models:
             diags[f"{name}_{key}"] = models[name]["diagnostics"].get(key)
     out["diagnostics"] = diags
@@ -402,14 +403,17 @@ def run_evaluate(
       every recall of both scorers and the diagnostics of every model;
     * ``metrics.json``: the headline subset (:func:`headline_metrics`), the DVC metric;
     * ``ranks.npz``: per-query ranks ``<model>_<scorer>_tr`` [images] and ``_ir``
-      [texts] plus ``txt2img`` (small; the report's paired bootstrap reads them);
+      [texts] plus ``txt2img`` [texts] and ``clusters`` int64 [images], the bootstrap's
+      resampling unit of every image (0..C-1: a synthetic binding group is one cluster,
+      any other image its own; ``arange(N)`` without groups) (small; the report's paired
+      bootstrap reads them);
     * ``scores.npz``: the score matrices (``<model>_i2t`` ...; the last model's also as
       ``i2t``, ``t2i``, ``itc_i2t``, ``itc_t2i``) and ``txt2img``.
 
     ``reports_dir`` holds the ``<stage>/run.json`` files whose MLflow runs receive the
     metrics. Returns the details dict."""
     from dmp_core.evaluation.diagnostics import itm_auc, modality_gaps
-    from dmp_core.training.dataset import read_meta
+    from dmp_core.training.dataset import read_image_clusters, read_meta
     from dmp_core.training.masking import SpecialTokens
     from dmp_core.stats import chance_recall
 
@@ -434,7 +438,8 @@ def run_evaluate(
         "models": {},
     }
     arrays: dict[str, np.ndarray] = {}
-    ranks: dict[str, np.ndarray] = {"txt2img": txt2img}
+    clusters = read_image_clusters(Path(prepared_dir) / cfg.eval.split, data.n_images)
+    ranks: dict[str, np.ndarray] = {"txt2img": txt2img, "clusters": clusters}
     last: dict[str, np.ndarray] = {}
     for name, weights in models.items():
         model = load_model(cfg, weights, vocab_size, device)
@@ -477,6 +482,7 @@ def summary_line(details: Mapping[str, Any]) -> Iterable[str]:
         yield (
             f"{name}: ITM TR R@1/5/10 {itm['tr_r1']:.1f}/{itm['tr_r5']:.1f}/{itm['tr_r10']:.1f}"
             f"  IR {itm['ir_r1']:.1f}/{itm['ir_r5']:.1f}/{itm['ir_r10']:.1f}  R mean {itm['r_mean']:.1f}"
-            f" (ITC {itc['r_mean']:.1f}); ITM AUC {diag['itm_auc']:.3f}, image-use gap "
+            f" (ITC {itc['r_mean']:.1f}); ITM AUC top-k {diag['itm_auc']:.3f} (random {diag['itm_auc_random']:.3f}), "
+            f"image-use gap "
             f"{diag['image_use_gap']:.3f} nats" + (f", text-use gap {gap:.4f}" if gap is not None else "")
         )

@@ -102,7 +102,7 @@ def create_model(model_params: ModelParams, *, image_size: int, vocab_size: int,
     layers = list(bert.encoder.layer)
     text = TextTower(bert.embeddings, layers[:n_text])
     fusion = MergedFusion(layers[n_text:], vision.width, config.hidden_size, vision.num_patches,
-                          fusion_cls=model_params.itm_state != "text_cls", image_cls=model_params.fusion_image_cls,
+                          fusion_cls=model_params.itm_state in ("fusion_cls", "concat"), image_cls=model_params.fusion_image_cls,
                           eps=config.layer_norm_eps)
     cfg = vision.vit.pretrained_cfg
     width = mim_dim(vision.width) if callable(mim_dim) else mim_dim

@@ -14,14 +14,24 @@ from dmp_core.models.text import TextTower
 from dmp_core.models.vision import VisionTower
 
 TEMP_INIT, TEMP_MIN, TEMP_MAX = 0.07, 0.001, 0.5
+ITM_STATES = ("text_cls", "text_mean", "text_cls_mean", "fusion_cls", "concat")
+
+
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens (``attention_mask`` 1) of ``states`` [B, L, D] -> [B, D]."""
+    keep = attention_mask.to(states.dtype).unsqueeze(-1)
+    return (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
 
 class DMPModel(nn.Module):
     """The model API of docs/ARCHITECTURE.md. Images enter as uint8 and go through
     ``preprocess`` (the image tower's normalisation); texts as WordPiece ids + 0/1 mask.
 
-    ``itm_state`` names the fused pair state the ITM head reads: ``text_cls`` (the fused
-    text [CLS], ALBEF/BLIP), ``fusion_cls`` (the fusion [CLS] query) or ``concat`` (both);
+    ``itm_state`` names the fused pair state the ITM head reads (:data:`ITM_STATES`):
+    ``text_cls`` (the fused text [CLS], ALBEF/BLIP), ``text_mean`` (the masked mean of the
+    fused text tokens: every word's view of the image), ``text_cls_mean`` (both,
+    concatenated), ``fusion_cls`` (the fusion [CLS] query) or ``concat`` (fusion [CLS] and
+    fused text [CLS]);
     ``itm_head`` is ``linear`` (ALBEF) or ``mlp`` (Linear-GELU-Linear).
     ``mim_dim`` builds the MIM head (one linear layer on joint patch states, SimMIM's
     "lightweight head") when the pretraining objective has MIM; it lives in the model so
@@ -32,7 +42,7 @@ class DMPModel(nn.Module):
                  itm_state: str = "text_cls", itm_head: str = "mlp", mim_dim: Optional[int] = None,
                  text_pool: str = "cls") -> None:
         super().__init__()
-        if itm_state not in ("text_cls", "fusion_cls", "concat"):
+        if itm_state not in ITM_STATES:
             raise ValueError(f"model.itm_state: unknown state {itm_state!r}")
         if text_pool not in ("cls", "mean"):
             raise ValueError(f"model.text_pool: unknown pooling {text_pool!r}")
@@ -45,7 +55,7 @@ class DMPModel(nn.Module):
         self.image_proj = nn.Linear(self.image_dim, embed_dim)
         self.text_proj = nn.Linear(self.text_dim, embed_dim)
         self.temp = nn.Parameter(torch.tensor(TEMP_INIT))
-        pair_dim = self.text_dim * (2 if itm_state == "concat" else 1)
+        pair_dim = self.text_dim * (2 if itm_state in ("concat", "text_cls_mean") else 1)
         if itm_head == "linear":
             self.itm_head: nn.Module = nn.Linear(pair_dim, 2)
         elif itm_head == "mlp":
@@ -128,9 +138,7 @@ class DMPModel(nn.Module):
         mean) the mean of its real token states (padding excluded)."""
         if self.text_pool == "cls":
             return self.text_proj(text_states[:, 0])
-        keep = attention_mask.to(text_states.dtype).unsqueeze(-1)
-        pooled = (text_states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
-        return self.text_proj(pooled)
+        return self.text_proj(masked_mean(text_states, attention_mask))
 
     def image_embed(self, image_states: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(image_states).float(), dim=-1)
@@ -138,18 +146,24 @@ class DMPModel(nn.Module):
     def text_embed(self, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_features(text_states, attention_mask).float(), dim=-1)
 
-    def pair_state(self, joint: torch.Tensor) -> torch.Tensor:
-        """The fused pair state [B, D] (or [B, 2D] for ``concat``) read by the ITM head."""
-        text_cls = self.layout.tokens(joint)[:, 0]
-        if self.itm_state == "text_cls":
-            return text_cls
-        if self.itm_state == "fusion_cls":
+    def pair_state(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The fused pair state [B, D] (or [B, 2D] for ``concat`` / ``text_cls_mean``) read
+        by the ITM head; ``attention_mask`` [B, L] marks the real text tokens of ``joint``."""
+        tokens = self.layout.tokens(joint)
+        state = self.itm_state
+        if state == "text_cls":
+            return tokens[:, 0]
+        if state == "text_mean":
+            return masked_mean(tokens, attention_mask)
+        if state == "text_cls_mean":
+            return torch.cat([tokens[:, 0], masked_mean(tokens, attention_mask)], dim=-1)
+        if state == "fusion_cls":
             return joint[:, 0]
-        return torch.cat([joint[:, 0], text_cls], dim=-1)
+        return torch.cat([joint[:, 0], tokens[:, 0]], dim=-1)
 
-    def itm_logits(self, joint: torch.Tensor) -> torch.Tensor:
-        """J [B, S, Dt] -> [B, 2]; column 1 is the match logit."""
-        return self.itm_head(self.pair_state(joint))
+    def itm_logits(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """J [B, S, Dt] (+ the text mask [B, L]) -> [B, 2]; column 1 is the match logit."""
+        return self.itm_head(self.pair_state(joint, attention_mask))
 
     def mlm_logits(self, token_states: torch.Tensor) -> torch.Tensor:
         """Joint (or text) token states [..., Dt] -> vocabulary logits [..., V]."""

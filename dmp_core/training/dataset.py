@@ -33,6 +33,45 @@ def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         raise DataError(f"{path}: invalid JSON") from None
 
+
+def read_image_clusters(split_dir: str | Path, n_images: int) -> np.ndarray:
+    """int64 [N]: the independent unit (cluster) of every image of a prepared split.
+
+    From the ``group`` field of ``<split_dir>/images.json`` (the raw Karpathy entry's
+    ``group``, carried by preprocess): images with the same integer group are one cluster
+    (a synthetic binding group: each other's distractors); an image whose group is null
+    is its own cluster. Ids are 0..C-1 in order of first appearance, so a split without
+    groups (a real dataset, or images.json absent in older outputs) gives ``arange(N)``:
+    one cluster per image. A group that is neither an integer nor null, or an
+    images.json that does not list the N images, is a one-line DataError.
+    """
+    path = Path(split_dir) / "images.json"
+    if not path.is_file():
+        return np.arange(n_images, dtype=np.int64)
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: invalid JSON") from None
+    if not isinstance(info, list) or len(info) != n_images:
+        size = len(info) if isinstance(info, list) else type(info).__name__
+        raise DataError(f"{path}: expected a list of {n_images} images (one per row of images.npy), got {size}")
+    out = np.empty(n_images, dtype=np.int64)
+    cluster_of_group: dict[int, int] = {}
+    n_clusters = 0
+    for i, entry in enumerate(info):
+        group = entry.get("group") if isinstance(entry, dict) else None
+        if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
+            raise DataError(f"{path}: [{i}].group: expected an integer group id or null (got {group!r:.80})")
+        if group is not None and group in cluster_of_group:
+            out[i] = cluster_of_group[group]
+            continue
+        out[i] = n_clusters
+        if group is not None:
+            cluster_of_group[group] = n_clusters
+        n_clusters += 1
+    return out
+
+
 TARGET_KINDS = ("hog", "pixel")
 
 
@@ -141,6 +180,12 @@ class PairDataset(Dataset):
     @property
     def meta(self) -> dict[str, Any]:
         return read_meta(self.prepared_dir)
+
+    def image_clusters(self) -> np.ndarray:
+        """int64 [N]: the cluster (binding group, else the image itself) of every image.
+
+        See :func:`read_image_clusters`."""
+        return read_image_clusters(self.split_dir, self._num_images)
 
     def image_info(self) -> list[dict[str, Any]]:
         with open(self.split_dir / "images.json") as fh:

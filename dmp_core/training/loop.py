@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from dmp_core.training.checkpoint import Checkpointer, make_fingerprint, run_params
-from dmp_core.config import Config, TrainParams
+from dmp_core.config import Config, TrainParams, preset_spec
 from dmp_core.errors import DataError, TrainingError
 from dmp_core.io import atomic_path, write_json
 from dmp_core.training.schedule import build_optimizer, build_scheduler
@@ -191,8 +191,9 @@ def itc_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt2img: np.ndarray
 def val_recall(model: torch.nn.Module, split: Any, batch_size: int, device: torch.device,
                autocast: Any, *, k: int = 16, auc_queries: int = 100, gap_pairs: int = 0,
                mask_ratio: float = 0.4, special: Any = None) -> dict[str, float]:
-    """Encode the val images and captions once: ITC recall of the whole split, the ITM
-    ROC-AUC (gold pairs vs ITC top-``k`` candidates) on ``auc_queries`` images and, with
+    """Encode the val images and captions once: ITC recall of the whole split, the per-query
+    ITM AUCs (over the ITC top-``k``, and against random negatives) on ``auc_queries``
+    images and captions and, with
     ``gap_pairs``, the image-use gap of MLM on that many pairs, so the curves show when the
     fusion starts to use the image."""
     from dmp_core.evaluation.diagnostics import image_use_gap, itm_auc
@@ -206,8 +207,8 @@ def val_recall(model: torch.nn.Module, split: Any, batch_size: int, device: torc
             sim = itc_similarity(enc)
             txt2img = np.asarray(split.txt2img)
             out = itc_recall(enc.image_emb, enc.text_emb, txt2img)
-            out["itm_auc"] = itm_auc(model, enc, sim, txt2img, k=k, n_queries=auc_queries,
-                                     input_ids=split.input_ids)["itm_auc"]
+            auc = itm_auc(model, enc, sim, txt2img, k=k, n_queries=auc_queries, input_ids=split.input_ids)
+            out["itm_auc"], out["itm_auc_random"] = auc["itm_auc"], auc["itm_auc_random"]
             if gap_pairs:
                 out["image_use_gap"] = image_use_gap(model, split, n_pairs=gap_pairs, mask_ratio=mask_ratio,
                                                      special=special)["image_use_gap"]
@@ -223,10 +224,34 @@ def train_params(cfg: Config, stage: str) -> TrainParams:
     return cfg.pretrain if stage == "pretrain" else cfg.finetune
 
 
-def amp_context(amp: str, device: torch.device) -> Any:
-    """bf16 autocast on CUDA (``auto``) or when asked (``bf16``); fp32 otherwise."""
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU computes bf16 natively (x86 flags ``avx512_bf16`` or ``amx_bf16``);
+    without them bf16 matmuls are emulated and slower than fp32 (bench/README.md, "bf16")."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def use_bf16(amp: str, device: torch.device, preset: str) -> bool:
+    """``bf16``: always; ``off``: never; ``auto``: on CUDA, and on a CPU with native bf16 for
+    the presets whose config says it pays there (``"cpu_bf16": true``: measured 1.85x on
+    minilm_small, 1.04x on tiny; bench/README.md)."""
+    if amp != "auto":
+        return amp == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(preset_spec(preset).get("cpu_bf16")) and cpu_has_native_bf16()
+
+
+def amp_context(amp: str, device: torch.device, preset: str = "tiny") -> Any:
+    """bf16 autocast where :func:`use_bf16` says so; fp32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(amp, device, preset) else nullcontext()
 
 
 def peak_rss_mb() -> float:
@@ -371,7 +396,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
             pretrainer, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)  # finetune leaves the MLM head unused
 
-    autocast = amp_context(train.amp, device)
+    autocast = amp_context(train.amp, device, cfg.model.preset)
     batch_pairs = train.batch_size * ddp_info.world_size
     use_bar = progress if progress is not None else sys.stderr.isatty()
     bar = None
@@ -379,6 +404,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
         bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
     log(f"{len(dataset)} pairs, {steps_per_epoch} steps/epoch, {total_steps} steps "
         f"({total_steps / steps_per_epoch:.2f} epochs) of {batch_pairs} pairs on {device} "
+        f"({'bf16 autocast' if use_bf16(train.amp, device, cfg.model.preset) else 'fp32'}) "
         f"(world size {ddp_info.world_size})")
 
     def elapsed() -> float:
@@ -406,7 +432,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
             recall = val_recall(pretrainer.model, val_split, cfg.eval.batch_size, device, autocast,
                                 k=cfg.eval.k_test, auc_queries=min(cfg.eval.diag_queries, 100),
                                 gap_pairs=min(cfg.eval.diag_pairs, 128),
-                                mask_ratio=cfg.objective.resolve().text_mask_ratio, special=pretrainer.special)
+                                mask_ratio=cfg.eval.gap_text_mask_ratio, special=pretrainer.special)
             val_history.append({"step": step, **recall})
             tracker.log_metrics({f"val_{k}": v for k, v in recall.items()}, step)
             improved = recall["r_mean"] > best["r_mean"]
@@ -414,7 +440,8 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
                 best.update(step=step, r_mean=recall["r_mean"])
                 ckpt.save_best(pretrainer.model)
             log(f"step {step}: val r_mean {recall['r_mean']:.2f} (tr {recall['tr_mean']:.2f}, "
-                f"ir {recall['ir_mean']:.2f}), ITM AUC {recall['itm_auc']:.3f}, image-use gap "
+                f"ir {recall['ir_mean']:.2f}), ITM AUC top-k {recall['itm_auc']:.3f} "
+                f"(random {recall['itm_auc_random']:.3f}), image-use gap "
                 f"{recall['image_use_gap']:.3f}" + (" best" if improved else ""))
         ddp_info.barrier()
 
@@ -443,6 +470,7 @@ def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 scheduler.step_update(step)
+                pretrainer.progress = step / total_steps
                 with autocast:
                     out = net(batch)
                 optimizer.zero_grad(set_to_none=True)

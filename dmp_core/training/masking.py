@@ -41,15 +41,25 @@ def image_block_mask(batch: int, grid: tuple[int, int], ratio: float, *, block: 
     """SimMIM block masking: ``[B, N]`` bool, True = masked, row-major patch order.
 
     The patch grid is tiled by ``block x block`` blocks (2x2 patches = 32 px at 224 px with
-    16 px patches); ``ceil(blocks * ratio)`` blocks are drawn per image and upsampled to
-    the patch grid (edge blocks are cropped when the grid is not a multiple of ``block``)."""
+    16 px patches); edge blocks are cropped when the grid is not a multiple of ``block``.
+    The number of masked blocks is drawn per image by stochastic rounding, as for text
+    (:func:`stochastic_count`): ``floor(ratio * blocks)`` plus one with probability
+    ``frac(ratio * blocks)``, so its expectation is ``ratio * blocks``; it is then clamped to
+    ``[1, blocks - 1]``: at least one block is masked and never all of them (the clamp moves
+    the expectation at ratios below ``1 / blocks`` or above ``1 - 1 / blocks``). With a single
+    block (``blocks == 1``) that block is always masked. ``ceil(ratio * blocks)`` made every
+    ratio in (0.5, 0.75] mask 3 of the 4 blocks of the 64 px default (4x4 patches = 2x2
+    blocks) and every ratio above 0.75 mask the whole image. Draws from ``generator``
+    (torch's global RNG when None): first the counts, then the block scores."""
     gh, gw = grid
     bh, bw = math.ceil(gh / block), math.ceil(gw / block)
     n_blocks = bh * bw
-    n_masked = min(n_blocks, math.ceil(n_blocks * ratio))
+    n_masked = stochastic_count(torch.full((batch,), n_blocks), ratio, generator=generator)
+    if n_blocks > 1:
+        n_masked = n_masked.clamp(max=n_blocks - 1)
     scores = torch.rand(batch, n_blocks, generator=generator)
-    chosen = scores.argsort(dim=1)[:, :n_masked]
-    blocks = torch.zeros(batch, n_blocks, dtype=torch.bool).scatter_(1, chosen, True).view(batch, bh, bw)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # each block's rank in a random order of its row
+    blocks = (rank < n_masked[:, None]).view(batch, bh, bw)
     patches = blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :gh, :gw]
     return patches.reshape(batch, gh * gw).to(device)
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from dmp_core.config import Config, ParamsError, ResolvedObjectives
 from dmp_core.training.distributed import gather_no_grad, gather_with_grad, global_max
+from dmp_core.losses.swaps import SwapTable, swap_captions
 from dmp_core.losses import (itc_loss, itm_loss, mim_loss, mlm_loss, mrm_loss, mrm_targets, resolve_objectives,
                              sample_negatives, vicreg_loss)
 from dmp_core.training.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
@@ -53,7 +54,7 @@ class Pretrainer(nn.Module):
     """``forward(batch) -> {"loss", "loss_<name>" per active objective (unweighted), "diag_*"}``."""
 
     def __init__(self, cfg: Config, stage: str, model: DMPModel, special: SpecialTokens = SpecialTokens(),
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, swap_table: Optional[SwapTable] = None) -> None:
         super().__init__()
         if stage not in ("pretrain", "finetune"):
             raise ParamsError(f"stage must be pretrain or finetune, got {stage!r}")
@@ -79,6 +80,9 @@ class Pretrainer(nn.Module):
         self.cov_floor = vicreg_cov_floor(self.expander_dim, global_batch)
         self.image_expander = mlp_expander(model.embed_dim, self.expander_dim) if o.vicreg else None
         self.text_expander = mlp_expander(model.embed_dim, self.expander_dim) if o.vicreg else None
+        # ITM's swapped-caption negatives (objective.itm_swap_negatives; dmp_core.losses.swaps)
+        self.swap_table = swap_table if self.objectives.itm and cfg.objective.itm_swap_negatives else None
+        self.progress = 0.0  # share of the run done, set by the training loop (ITM hard-negative ramp)
         self.ema: Optional[ModelEmaV3] = None
         self.ema_decay = 0.0
         if o.needs_ema:
@@ -137,11 +141,19 @@ class Pretrainer(nn.Module):
             v, v_masked = both[:b], both[b:]
         else:
             v, v_masked = model.encode_image(images), None
-        if masked_ids is not None:
-            both = model.encode_text(torch.cat([ids, masked_ids]), torch.cat([attn, attn]))
-            t, t_masked = both[:b], both[b:]
-        else:
-            t, t_masked = model.encode_text(ids, attn), None
+        # ITM's swapped-caption negatives (the anchor's caption, binding contradicted)
+        swapped = None
+        if o.itm and self.swap_table is not None:
+            swapped_ids, swap_ok = swap_captions(ids, self.swap_table)
+            if bool(swap_ok.any()):
+                swapped = (swapped_ids[swap_ok], attn[swap_ok], swap_ok)
+        text_ids = [ids] + ([masked_ids] if masked_ids is not None else []) + ([swapped[0]] if swapped else [])
+        text_attn = [attn] + ([attn] if masked_ids is not None else []) + ([swapped[1]] if swapped else [])
+        states = model.encode_text(torch.cat(text_ids), torch.cat(text_attn))
+        t = states[:b]
+        t_masked = states[b:2 * b] if masked_ids is not None else None
+        t_swapped = states[len(states) - len(swapped[0]):] if swapped else None
+        diags["diag_itm_swapped"] = torch.tensor(float(len(swapped[0]) if swapped else 0) / b)
 
         # --- ITC / VICReg on the clean [CLS] states
         img_emb = txt_emb = None
@@ -163,26 +175,10 @@ class Pretrainer(nn.Module):
         # --- every fusion pass of the step in one call
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if o.itm:
-            # negatives come from the whole (under DDP: gathered) batch; the gathered states
-            # keep their gradients, which flow back to the rank that encoded them
-            all_ids, v_all, t_all, attn_all = (gather_no_grad(image_ids), gather_with_grad(v),
-                                               gather_with_grad(t), gather_no_grad(attn))
-            sim_i2t = sim_t2i = None
-            if o.itm_negatives != "uniform":
-                with torch.no_grad():
-                    temp = model.temperature.detach().float()
-                    img, txt = img_emb.detach().float(), txt_emb.detach().float()
-                    sim_i2t = img @ gather_no_grad(txt).t() / temp
-                    sim_t2i = txt @ gather_no_grad(img).t() / temp
-            neg_txt, neg_img = sample_negatives(sim_i2t, image_ids, all_ids=all_ids, sim_t2i=sim_t2i,
-                                                texts=ids, all_texts=gather_no_grad(ids))
-            rows = torch.arange(b, device=device)
-            ok_t, ok_i = neg_txt >= 0, neg_img >= 0
-            pairs["itm"] = (
-                torch.cat([v, v[rows[ok_t]], v_all[neg_img[ok_i]]]),
-                torch.cat([t, t_all[neg_txt[ok_t]], t[rows[ok_i]]]),
-                torch.cat([attn, attn_all[neg_txt[ok_t]], attn[rows[ok_i]]]),
-            )
+            pairs["itm"] = self._itm_pairs(v, t, attn, ids, image_ids, img_emb, txt_emb)
+            if swapped is not None:  # (image, its own caption with the binding contradicted): label 0
+                pairs["itm"] = tuple(torch.cat([x, y]) for x, y in
+                                     zip(pairs["itm"], (v[swapped[2]], t_swapped, swapped[1])))
         if v_masked is not None:
             pairs["masked_image"] = (v_masked, t, attn)
         if t_masked is not None:
@@ -190,7 +186,7 @@ class Pretrainer(nn.Module):
         joint = self._fuse_all(pairs)
 
         if o.itm:
-            logits = model.itm_logits(joint["itm"])
+            logits = model.itm_logits(joint["itm"], pairs["itm"][2])
             itm_labels = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
             itm_labels[:b] = 1
             terms["itm"] = itm_loss(logits, itm_labels)
@@ -227,6 +223,46 @@ class Pretrainer(nn.Module):
         out.update({f"loss_{name}": value for name, value in terms.items()})
         out.update(diags)
         return out
+
+    def hardness(self) -> float:
+        """How hard the ITM negatives are drawn: the similarity logits are multiplied by this
+        before the softmax (0 = uniform, 1 = ALBEF's softmax). It ramps linearly from 0 to 1
+        over the first ``objective.itm_hard_warmup`` share of the run (``self.progress``,
+        set by the training loop before each step)."""
+        warm = self.cfg.objective.itm_hard_warmup
+        return 1.0 if warm <= 0 else min(1.0, self.progress / warm)
+
+    def _itm_pairs(self, v: torch.Tensor, t: torch.Tensor, attn: torch.Tensor, ids: torch.Tensor,
+                   image_ids: torch.Tensor, img_emb: Optional[torch.Tensor], txt_emb: Optional[torch.Tensor],
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image states, text states, text mask) of ITM's pairs: the B positives, then per
+        anchor and direction one negative from the similarity softmax (``itm_negatives``) and,
+        with ``itm_uniform_negatives``, one drawn uniformly from the batch. Negatives come
+        from the whole (under DDP: gathered) batch; the gathered states keep their gradients,
+        which flow back to the rank that encoded them."""
+        model, o, b = self.model, self.objectives, ids.shape[0]
+        all_ids, v_all, t_all, attn_all = (gather_no_grad(image_ids), gather_with_grad(v),
+                                           gather_with_grad(t), gather_no_grad(attn))
+        all_texts = gather_no_grad(ids)
+        sim_i2t = sim_t2i = None
+        if o.itm_negatives != "uniform":
+            with torch.no_grad():
+                scale = self.hardness() / model.temperature.detach().float()
+                img, txt = img_emb.detach().float(), txt_emb.detach().float()
+                sim_i2t = img @ gather_no_grad(txt).t() * scale
+                sim_t2i = txt @ gather_no_grad(img).t() * scale
+        draws = [sample_negatives(sim_i2t, image_ids, all_ids=all_ids, sim_t2i=sim_t2i, texts=ids,
+                                  all_texts=all_texts)]
+        if self.cfg.objective.itm_uniform_negatives and o.itm_negatives != "uniform":
+            draws.append(sample_negatives(None, image_ids, all_ids=all_ids, texts=ids, all_texts=all_texts))
+        rows = torch.arange(b, device=ids.device)
+        images, texts, masks = [v], [t], [attn]
+        for neg_txt, neg_img in draws:
+            ok_t, ok_i = neg_txt >= 0, neg_img >= 0
+            images += [v[rows[ok_t]], v_all[neg_img[ok_i]]]
+            texts += [t_all[neg_txt[ok_t]], t[rows[ok_i]]]
+            masks += [attn_all[neg_txt[ok_t]], attn[rows[ok_i]]]
+        return torch.cat(images), torch.cat(texts), torch.cat(masks)
 
     def _fuse_all(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not pairs:
@@ -270,4 +306,9 @@ def create_pretrainer(cfg: Config, stage: str, model: DMPModel, *, special: Opti
     global batch (the default VICReg expander width)."""
     if special is None:
         special = SpecialTokens.from_meta(meta) if meta is not None else SpecialTokens()
-    return Pretrainer(cfg, stage, model, special, world_size=world_size)
+    table = None
+    if cfg.objective.itm_swap_negatives:
+        from dmp_core.data.text import swap_table
+
+        table = swap_table(cfg.data.tokenizer)
+    return Pretrainer(cfg, stage, model, special, world_size=world_size, swap_table=table)
