@@ -207,9 +207,10 @@ def itm_scores(
 
 
 def itc_similarity(enc: EncodedSplit, chunk_size: int = 1024) -> np.ndarray:
-    """``img_emb @ txt_emb.T`` as float32 [images, texts], ``chunk_size`` image rows at a time."""
+    """``img_emb @ txt_emb.T`` as float32 [images, texts], ``chunk_size`` image rows at a time
+    (in float32 also inside a bf16 autocast region: ranks must not depend on the AMP setting)."""
     sim = np.empty((enc.image_emb.shape[0], enc.text_emb.shape[0]), dtype=np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(enc.image_emb.device.type, enabled=False):
         for start in range(0, sim.shape[0], chunk_size):
             sim[start : start + chunk_size] = (enc.image_emb[start : start + chunk_size] @ enc.text_emb.T).cpu().numpy()
     return sim

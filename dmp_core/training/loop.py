@@ -183,7 +183,8 @@ def itc_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt2img: np.ndarray
     """TR/IR recall@1/5/10 (percent), their means and ``r_mean`` from ITC similarity."""
     from dmp_core.evaluation.retrieval import img2txt_from_txt2img, retrieval_metrics
 
-    sim = (img_emb.float() @ txt_emb.float().T).cpu().numpy()
+    with torch.autocast(img_emb.device.type, enabled=False):  # float32 inside a bf16 region too
+        sim = (img_emb.float() @ txt_emb.float().T).cpu().numpy()
     return retrieval_metrics(sim, sim.T, txt2img, img2txt_from_txt2img(txt2img, sim.shape[0]))
 
 
