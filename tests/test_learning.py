@@ -68,7 +68,7 @@ TOY_PARAMS = dict(pretrain__lr=2e-3, pretrain__fusion_lr_scale=2.5, objective__w
                   model__text_pool="cls", objective__vicreg_coeffs__expander_dim=None)
 # seeds of the test; bench/README.md ("Toy learning test") has the 10-seed table its floors come from
 SEEDS = (0, 1, 2)
-AUC_FLOOR, GAP_FLOOR = 0.8, 0.5
+AUC_FLOOR, GAP_FLOOR = 0.8, 0.3
 
 
 def train_and_measure(blank: bool, steps: int = 300, batch: int = 16, seed: int = 0, schedule: bool = True,

@@ -247,12 +247,18 @@ def test_hard_negative_ramp_goes_from_uniform_to_the_softmax():
     assert build(tiny_config()).hardness() == 1.0  # no ramp: hard from the first step
 
 
-def test_deterministic_given_the_seed():
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_deterministic_given_the_seed(bf16):
+    """Same seed, same losses, in fp32 and under bf16 autocast (``pretrain.amp``) alike."""
     outs = []
     for _ in range(2):
         pretrainer = build(tiny_config(objective__variant="mamo"))
         torch.manual_seed(1)
-        outs.append(pretrainer(make_batch()))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = pretrainer(make_batch())
+        out["loss"].backward()
+        outs.append({**out, "grad": torch.cat([p.grad.flatten() for p in pretrainer.parameters()
+                                                if p.grad is not None])})
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
