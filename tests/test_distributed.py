@@ -84,16 +84,17 @@ def test_gathered_itc_and_vicreg_equal_single_process_on_concatenated_batch(tmp_
                 torch.testing.assert_close(g / WORLD, ref[rows], rtol=1e-5, atol=1e-7)
 
 
-def _itm_worker(rank: int, port: int, out_dir: str) -> None:
+def _itm_worker(rank: int, port: int, out_dir: str, uniform: bool) -> None:
     """Each rank's local batch shows ONE image (ids all equal): within the local batch no
-    ITM negative exists; from the gathered batch every row has negatives on the other rank."""
+    ITM negative exists; from the gathered batch every row has negatives on the other rank
+    (the hard ones, and with ``uniform`` the uniformly drawn ones too)."""
     from dmp_core.training.meta_arch import create_pretrainer
     from dmp_core.models import create_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)  # identical weights on both ranks, as DDP guarantees
-        cfg = tiny_config()
+        cfg = tiny_config(objective__itm_uniform_negatives=uniform)
         model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=30522)
         pretrainer = create_pretrainer(cfg, "finetune", model)
         gen = torch.Generator().manual_seed(rank)
@@ -116,12 +117,14 @@ def _itm_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-def test_itm_negatives_come_from_the_gathered_batch(tmp_path):
-    mp.spawn(_itm_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("uniform", [True, False], ids=["hard+uniform", "hard"])
+def test_itm_negatives_come_from_the_gathered_batch(tmp_path, uniform):
+    mp.spawn(_itm_worker, args=(free_port(), str(tmp_path), uniform), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"itm{rank}.pt", weights_only=True)
-        # B positives + B negative texts + B negative images, all negatives from the other rank
-        assert got["itm_rows"] == 3 * 4
+        # B positives + B hard negative texts + B hard negative images (+ B uniform texts and
+        # B uniform images), every negative from the other rank: a local one would be no negative
+        assert got["itm_rows"] == (5 if uniform else 3) * 4
         assert torch.isfinite(got["loss_itm"]) and got["vision_grad"] > 0
 
 
