@@ -272,5 +272,8 @@ def test_bench_hog_smoke():
     result = bench_hog(n_images=2, size=32, repeats=1, threads=1)
     assert result["torch_threads"] == 1 and torch.get_num_threads() == threads_before
     assert result["torch_images_per_s"] > 0 and result["skimage_images_per_s"] > 0
-    assert result["speedup"] == pytest.approx(result["torch_images_per_s"] / result["skimage_images_per_s"], rel=0.01)
+    # the speed-up is rounded to 0.1 (and computed from the unrounded rates): compare within that
+    # rounding, not relatively (a loaded machine can give 0.4 for a ratio of 0.407)
+    assert result["speedup"] == pytest.approx(result["torch_images_per_s"] / result["skimage_images_per_s"],
+                                              rel=0.01, abs=0.06)
     assert result["max_abs_diff_vs_skimage"] < 1e-6
