@@ -12,7 +12,6 @@ installed). Extra ``key=value`` arguments are dotted config overrides.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+from _overrides import parse_overrides  # bench/_overrides.py (this script's folder is on sys.path)
 
 
 def _config(overrides: dict, root: Path, seed: int = 0, amp: str = "off"):
@@ -86,12 +80,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args()
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"override {item!r} is not key=value")
-        overrides[key] = _value(value)
+    overrides = parse_overrides(parser, args.overrides)
     if args.one:
         print(json.dumps(_pretrain(overrides, args.root, int(args.one[1]), args.one[0], args.threads)))
         return

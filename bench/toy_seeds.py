@@ -11,21 +11,15 @@ seed. Extra ``key=value`` arguments override the toy's settings (dotted keys as
 from __future__ import annotations
 
 import argparse
-import ast
 import multiprocessing as mp
 import platform
 import sys
 import time
 from pathlib import Path
 
+from _overrides import parse_overrides  # bench/_overrides.py (this script's folder is on sys.path)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def _run(job):
@@ -47,12 +41,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="key=value settings of the toy run")
     args = parser.parse_args()
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"override {item!r} is not key=value")
-        overrides[key] = _value(value)
+    overrides = parse_overrides(parser, args.overrides)
     jobs = [(seed, overrides) for seed in range(args.first_seed, args.first_seed + args.seeds)]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         results = sorted(pool.map(_run, jobs), key=lambda row: row[0])
