@@ -1,7 +1,7 @@
 """The research report: ``reports/results.md`` and ``reports/figures/*.png``.
 
 Everything arrives as plain data, so this module knows nothing about DVC, git or MLflow
-(``stages/report.py`` gathers it):
+(``orchestration/runs.py`` gathers it):
 
 - :class:`Run`: one finished run of the pipeline (the workspace, the HEAD commit or a DVC
   experiment) with its resolved params and the files its stages wrote:

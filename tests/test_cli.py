@@ -78,7 +78,7 @@ def test_bad_params_fail_with_one_line(tmp_path: Path, stage: str, section: str,
 def test_pipeline_tree_report_and_baseline_check(tmp_path, monkeypatch) -> None:
     """In a real git repository: which changed files `dmp pipeline` says to commit as the
     baseline, and whether params.yaml is HEAD's (only then is '<variant>-default' saved)."""
-    from stages import _common, pipeline
+    from orchestration import pipeline, repo
 
     def git(*args: str) -> None:
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
@@ -93,9 +93,9 @@ def test_pipeline_tree_report_and_baseline_check(tmp_path, monkeypatch) -> None:
     git("add", "-A")
     git("commit", "-qm", "project")
     monkeypatch.chdir(tmp_path)
-    outputs = _common.pipeline_outputs()
+    outputs = repo.pipeline_outputs()
     assert "reports/evaluate/metrics.json" in outputs and "data/params.ok" in outputs
-    assert _common.code_roots() == ["dmp_core", "stages"]
+    assert repo.code_roots() == ["dmp_core", "stages"]
     assert pipeline.tree_report(outputs, "denoising") == ["tree clean: the committed state is this run's baseline"]
     cfg = load_config(tmp_path / "params.yaml")
     assert pipeline.params_differ_from_head(Path("params.yaml"), cfg) == ([], "")
@@ -113,7 +113,7 @@ def test_pipeline_tree_report_and_baseline_check(tmp_path, monkeypatch) -> None:
     assert added == {"dvc.lock", "data/params.ok", "models/pretrain/.gitignore", "reports/evaluate/metrics.json",
                      "reports/figures/a.png", "stages/new_module.py", "stages/pretrain.py"}
     assert "  ?? data/raw/synthetic/images/ (10 files)" in lines and "  ?? notes.txt" in lines
-    assert _common.untracked_sources() == ["stages/new_module.py"]  # copied into --temp runs with -C
+    assert repo.untracked_sources() == ["stages/new_module.py"]  # copied into --temp runs with -C
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("vicreg:    ", "vicreg: false"))
     cfg = load_config(tmp_path / "params.yaml")

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from dmp_core.config import Config, ParamsError, config_from_dict, flatten, load_config
 from stages import check as check_mod
-from stages import params_doc
+from dmp_core import params_doc
 from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_every_recipe_is_valid_on_the_default_params_and_applies_as_dvc_would(tm
     from dvc.utils.hydra import apply_overrides
 
     from dmp_core.config import apply_dotted, load_recipe, recipe_names
-    from stages.params_doc import recipe_overrides
+    from dmp_core.params_doc import recipe_overrides
 
     assert recipe_names(), "no recipe in dmp_core/recipes/"
     base = yaml.safe_load(PARAMS.read_text())

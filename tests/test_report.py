@@ -472,7 +472,7 @@ def _write_outputs(root, run: Run, steps: int) -> None:
 def test_collect_reads_head_and_experiment_commits_with_git_show(tmp_path, monkeypatch) -> None:
     """A tiny git repository: HEAD holds the (lean) baseline params and its outputs; an experiment
     commit holds the mamo run; the workspace changed params and outputs (the vicreg ablation)."""
-    from stages.report import collect, experiment_refs, experiment_run
+    from orchestration.runs import collect, experiment_refs, experiment_run
 
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     repo = tmp_path / "repo"
@@ -529,7 +529,7 @@ def test_collect_reads_head_and_experiment_commits_with_git_show(tmp_path, monke
 def test_stale_stages_come_from_dvc_status_and_skip_always_changed_stages(tmp_path, monkeypatch) -> None:
     from dvc.repo import Repo
 
-    from stages.report import stale_stages
+    from orchestration.runs import stale_stages
 
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -571,7 +571,7 @@ def test_experiment_run_ids_and_curves_come_from_mlflow(tmp_path, monkeypatch) -
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from stages.report import find_run_ids, mlflow_history
+    from orchestration.runs import find_run_ids, mlflow_history
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient((tmp_path / "mlruns").as_uri())

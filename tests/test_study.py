@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import stages.study as study
+import orchestration.study as study
 from dmp_core.config import ParamsError, load_config
 from stages.cli import app
 

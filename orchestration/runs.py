@@ -1,0 +1,376 @@
+"""The report's inputs, for ``dmp report`` (reports/results.md and reports/figures/ from every
+finished run).
+
+This module gathers the inputs from git, DVC and MLflow; ``dmp_core.report`` turns
+them into tables, statistics, plots and the gallery:
+
+- the workspace: params.yaml and the files under reports/ on disk;
+- the HEAD commit and every DVC experiment (``dvc.api.exp_show``): the same files read
+  with ``git show <rev>:<path>`` (the evaluate, pretrain and finetune outputs are
+  ``cache: false``, so each experiment commit holds them);
+- the baseline: HEAD's params.yaml, validated so that schema defaults fill absent keys;
+- staleness: workspace params against HEAD's, and ``dvc status``;
+- MLflow only where git lacks something (run ids by the ``dvc.exp_name`` tag, loss
+  histories from metric histories).
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from orchestration.repo import echo
+
+STAGES = ("pretrain", "finetune")
+Reader = Callable[[str], Optional[bytes]]  # a path relative to the project root -> its bytes, or None
+
+
+# ------------------------------------------------------------------ readers
+def git_bytes(*args: str, cwd: Optional[Path] = None) -> Optional[bytes]:
+    """stdout of ``git <args>``, or None when git fails (no repository, no such revision or path)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_reader(rev: str, cwd: Optional[Path] = None) -> Reader:
+    """Files of commit ``rev``, binary-safe (``git show <rev>:./<path>``, relative to ``cwd``).
+
+    An absolute path is read relative to ``cwd`` when it lies inside it, else not at all."""
+    base = Path(cwd or Path.cwd()).resolve()
+
+    def read(path: str) -> Optional[bytes]:
+        rel = Path(path)
+        if rel.is_absolute():
+            try:
+                rel = rel.resolve().relative_to(base)
+            except ValueError:
+                return None
+        return git_bytes("show", f"{rev}:./{rel.as_posix()}", cwd=cwd)
+
+    return read
+
+
+def disk_reader(root: Path = Path(".")) -> Reader:
+    def read(path: str) -> Optional[bytes]:
+        file = root / path
+        return file.read_bytes() if file.is_file() else None
+
+    return read
+
+
+def _json(data: Optional[bytes], what: str, notes: list[str]) -> Optional[dict]:
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        notes.append(f"{what} is not valid JSON (ignored)")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_outputs(read: Reader, reports: Path = Path("reports")) -> dict[str, Any]:
+    """What one run wrote: details, ranks, metrics (evaluate), training metrics, MLflow run ids, history.
+
+    Missing files are None (or absent); unreadable ones add a note.
+    """
+    import numpy as np
+    import pandas as pd
+
+    notes: list[str] = []
+    evaluate = reports / "evaluate"
+    out: dict[str, Any] = {
+        "details": _json(read(str(evaluate / "details.json")), "details.json", notes),
+        "metrics": _json(read(str(evaluate / "metrics.json")), "metrics.json", notes),
+        "ranks": None, "training": {}, "run_ids": {}, "history": None, "notes": notes,
+    }
+    data = read(str(evaluate / "ranks.npz"))
+    if data is not None:
+        try:
+            with np.load(io.BytesIO(data)) as npz:
+                out["ranks"] = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError):
+            notes.append("ranks.npz is not a readable npz (ignored)")
+    for stage in STAGES:
+        metrics = _json(read(str(reports / stage / "metrics.json")), f"{stage}/metrics.json", notes)
+        if metrics is not None:
+            out["training"][stage] = metrics
+        run = _json(read(str(reports / stage / "run.json")), f"{stage}/run.json", notes) or {}
+        if run.get("run_id"):
+            out["run_ids"][stage] = str(run["run_id"])
+    history = read(str(reports / "pretrain" / "history.csv"))
+    if history:
+        try:
+            out["history"] = pd.read_csv(io.BytesIO(history))
+        except (ValueError, pd.errors.ParserError):
+            notes.append("pretrain/history.csv unreadable (ignored)")
+    return out
+
+
+def _run_from_outputs(names: list[str], params: dict, outputs: dict, *, workspace: bool = False,
+                      rev: Optional[str] = None, notes: tuple[str, ...] = ()):
+    from dmp_core.report import Run
+
+    return Run(names=names, params=params, workspace=workspace, rev=rev, details=outputs["details"],
+               ranks=outputs["ranks"], metrics=outputs["metrics"], training=outputs["training"],
+               run_ids=outputs["run_ids"], notes=[*notes, *outputs["notes"]])
+
+
+def _has_results(outputs: dict) -> bool:
+    return outputs["details"] is not None or outputs["metrics"] is not None
+
+
+# ------------------------------------------------------------------ baseline and staleness
+def head_commit(cwd: Optional[Path] = None) -> Optional[str]:
+    out = git_bytes("rev-parse", "--short", "HEAD", cwd=cwd)
+    return out.decode().strip() if out else None
+
+
+def baseline_params(workspace_params: dict, params_path: Path = Path("params.yaml"),
+                    cwd: Optional[Path] = None) -> tuple[dict, str, list[str]]:
+    """(canonical params, where they come from, notes): HEAD's params file, else the workspace's."""
+    import yaml
+
+    from dmp_core.report import resolve_params
+
+    sha = head_commit(cwd)
+    if sha is None:
+        return workspace_params, "the workspace params (no git commit)", []
+    data = git_reader("HEAD", cwd)(str(params_path))
+    if data is None:
+        return workspace_params, f"the workspace params (no {params_path} at HEAD {sha})", []
+    try:
+        raw = yaml.safe_load(data) or {}
+    except yaml.YAMLError:
+        return workspace_params, f"the workspace params (HEAD {sha}:{params_path} is not valid YAML)", []
+    params, note = resolve_params(raw, f"HEAD:{params_path}")
+    return params, f"HEAD {sha} ({params_path})", [note] if note else []
+
+
+def stale_stages() -> tuple[list[str], Optional[str]]:
+    """Pipeline stages that ``dvc status`` lists as changed, or ([], why) when it cannot run."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo() as repo:
+            status = repo.status()
+    except Exception as err:  # noqa: BLE001  (not a DVC repo, locked, ...): the report still gets written
+        return [], f"`dvc status` not read ({type(err).__name__}); staleness of the workspace outputs unknown"
+    return sorted(str(name).split(":")[-1] for name in status), None
+
+
+# ------------------------------------------------------------------ experiments
+def experiment_rows(num: int = -1) -> tuple[list[dict], Optional[str]]:
+    """``dvc.api.exp_show`` rows, or ([], why) when this is not a usable DVC repo."""
+    try:
+        import dvc.api
+
+        return dvc.api.exp_show(num=num), None
+    except Exception as err:  # noqa: BLE001  (no git/DVC repo, no commit, ...): report the workspace only
+        return [], f"DVC experiments not read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+def experiment_refs(rows: list[dict]) -> list[tuple[str, str]]:
+    """(name, rev) of every finished experiment in exp_show rows (baselines, queued, running, failed left out)."""
+    out = []
+    for row in rows:
+        if row.get("typ") not in ("branch_commit", "branch_base"):
+            continue
+        if str(row.get("State") or "").lower() in ("queued", "running", "failed"):
+            continue
+        rev = row.get("rev")
+        if rev:
+            out.append((str(row.get("Experiment") or rev), str(rev)))
+    return out
+
+
+def experiment_run(name: str, rev: str, params_path: Path, reports: Path, cwd: Optional[Path] = None):
+    """The Run of one experiment commit, or None when it holds no evaluation results."""
+    import yaml
+
+    from dmp_core.report import resolve_params
+
+    read = git_reader(rev, cwd)
+    outputs = read_outputs(read, reports)
+    if not _has_results(outputs):
+        return None
+    notes = []
+    data = read(str(params_path))
+    try:
+        raw = yaml.safe_load(data) if data is not None else None
+    except yaml.YAMLError:
+        raw = None
+    if raw is None:
+        notes.append(f"no readable {params_path} in commit {rev}: compared as schema defaults")
+    params, note = resolve_params(raw or {}, f"{name}:{params_path}")
+    if note:
+        notes.append(note)
+    run = _run_from_outputs([name], params, outputs, rev=rev, notes=tuple(notes))
+    return run, outputs["history"]
+
+
+# ------------------------------------------------------------------ MLflow (fallback)
+def _mlflow_client(cfg):
+    """A client on the project's store, or None when its SQLite file does not exist (nothing to read)."""
+    from dmp_core.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None  # opening it would create an empty store
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def find_run_ids(client, exp_name: str) -> dict[str, str]:
+    """MLflow run ids per stage of one DVC experiment (tag ``dvc.exp_name``), newest first wins."""
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return {}
+    runs = client.search_runs(exps, filter_string=f"tags.`dvc.exp_name` = '{exp_name}'",
+                              order_by=["attributes.start_time DESC"])
+    out: dict[str, str] = {}
+    for run in runs:
+        stage = run.data.tags.get("dmp.stage")
+        if stage and stage not in out:
+            out[stage] = run.info.run_id
+    return out
+
+
+def mlflow_history(client, run_id: str):
+    """Loss-term metric histories of one run as a DataFrame with a ``step`` column."""
+    import pandas as pd
+
+    run = client.get_run(run_id)
+    series = {}
+    for key in run.data.metrics:
+        if "loss" not in key:
+            continue
+        hist = client.get_metric_history(run_id, key)
+        series[key] = pd.Series({m.step: m.value for m in hist})
+    if not series:
+        return None
+    frame = pd.DataFrame(series).sort_index()
+    frame.index.name = "step"
+    return frame.reset_index()
+
+
+def _fill_from_mlflow(cfg, runs: list, histories: dict, notes: list[str]) -> None:
+    """Run ids and loss curves that git did not have, from the MLflow store."""
+    wanting = [r for r in runs if not r.workspace and ("pretrain" not in r.run_ids or r.names[0] not in histories)]
+    if not wanting:
+        return
+    try:
+        client = _mlflow_client(cfg)
+        if client is None:
+            notes.append("No MLflow store found; run ids and loss curves missing from git are omitted.")
+            return
+        for run in wanting:
+            if "pretrain" not in run.run_ids:
+                run.run_ids.update({k: v for k, v in find_run_ids(client, run.names[0]).items() if k not in run.run_ids})
+            if run.names[0] not in histories and run.run_ids.get("pretrain"):
+                history = mlflow_history(client, run.run_ids["pretrain"])
+                if history is not None:
+                    histories[run.names[0]] = history
+    except Exception as err:  # noqa: BLE001  (store unreachable): the tables still come from git
+        notes.append(f"MLflow store not read ({type(err).__name__}); run ids and curves missing from git omitted.")
+
+
+# ------------------------------------------------------------------ everything
+@dataclass
+class ReportInputs:
+    runs: list = field(default_factory=list)
+    baseline: dict = field(default_factory=dict)
+    baseline_source: str = ""
+    warnings: list[str] = field(default_factory=list)
+    histories: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _add_head_run(inputs: ReportInputs, head: dict, name: str, sha: str) -> None:
+    """The HEAD commit's results as a run, unless the workspace re-ran the same params with other results.
+
+    Same params and same results: the report merges the two rows. Same params (seed
+    included) but other results: the code or the outputs changed since the commit, and
+    the workspace's newer run is reported instead (a second row would count one seed twice).
+    """
+    from dmp_core.report import param_diff
+
+    run = _run_from_outputs([name], inputs.baseline, head, rev=sha)
+    workspace = inputs.runs[0]
+    if workspace.models and run.models != workspace.models and not param_diff(run.params, workspace.params, keep_seed=True):
+        inputs.notes.append(f"{name} has the workspace's params but other results (the code or outputs changed "
+                            "since the commit): the workspace's run is reported, not the committed one.")
+        return
+    inputs.runs.append(run)
+    if head["history"] is not None:
+        inputs.histories[name] = head["history"]
+
+
+def collect(cfg, reports: Path = Path("reports"), *, params_path: Path = Path("params.yaml"), num: int = -1,
+            use_dvc: bool = True, use_mlflow: bool = True) -> ReportInputs:
+    """Runs (workspace, HEAD, experiments), the baseline, warnings, loss histories and notes."""
+    from dmp_core.report import canonical_params, stale_warnings
+
+    inputs = ReportInputs()
+    workspace_params = canonical_params(cfg)
+    outputs = read_outputs(disk_reader(), reports)
+    inputs.runs.append(_run_from_outputs(["workspace"], workspace_params, outputs, workspace=True))
+    if outputs["history"] is not None:
+        inputs.histories["workspace"] = outputs["history"]
+
+    inputs.baseline, inputs.baseline_source, notes = baseline_params(workspace_params, params_path)
+    inputs.notes += notes
+    sha = head_commit()
+    if sha is not None:
+        head = read_outputs(git_reader("HEAD"), reports)
+        if _has_results(head):
+            _add_head_run(inputs, head, f"HEAD ({sha})", sha)
+
+    stale: list[str] = []
+    if use_dvc:
+        rows, why = experiment_rows(num)
+        if why:
+            inputs.notes.append(why + "; only the workspace and the HEAD commit are reported.")
+        for name, rev in experiment_refs(rows):
+            found = experiment_run(name, rev, params_path, reports)
+            if found is None:
+                inputs.notes.append(f"Experiment {name} ({rev}) has no evaluation results in its commit: left out.")
+                continue
+            run, history = found
+            inputs.runs.append(run)
+            if history is not None:
+                inputs.histories[name] = history
+        stale, why = stale_stages()
+        if why:
+            inputs.notes.append(why + ".")
+    inputs.warnings = stale_warnings(workspace_params, inputs.baseline, inputs.baseline_source, stale)
+    if use_mlflow:
+        _fill_from_mlflow(cfg, inputs.runs, inputs.histories, inputs.notes)
+    return inputs
+
+
+def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("data/prepared"), *,
+                 params_path: Path = Path("params.yaml"), num: int = -1, experiments: bool = True) -> Path:
+    """Collect everything and write reports/results.md (+ figures); return its path."""
+    from dmp_core.report import build_report, load_gallery
+
+    inputs = collect(cfg, reports, params_path=params_path, num=num, use_dvc=experiments)
+    scores = reports / "evaluate" / "scores.npz"
+    split_dir = prepared / cfg.eval.split
+    gallery = (load_gallery(scores, split_dir, dataset=cfg.data.name)
+               if scores.is_file() and (split_dir / "images.npy").is_file() else None)
+    path = build_report(inputs.runs, reports, baseline=inputs.baseline, baseline_source=inputs.baseline_source,
+                        warnings=inputs.warnings, histories=inputs.histories, gallery=gallery,
+                        gallery_queries=cfg.report.gallery_queries,
+                        include_seed_numbers=cfg.report.include_seed_numbers,
+                        bootstrap_samples=cfg.report.bootstrap_samples, notes=inputs.notes)
+    echo(f"report: {path} ({len(inputs.runs)} runs, {len(inputs.histories)} loss histories"
+         + (f", {len(inputs.warnings)} warnings" if inputs.warnings else "") + ")")
+    return path

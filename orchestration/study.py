@@ -1,0 +1,279 @@
+"""Studies (``dmp study seeds|ablations|scaling``): plan DVC experiments, queue and run them, report.
+
+Each study plans one ``dvc exp run --queue --name <name> -S ++key=value ...`` per
+(setting, seed), checks every planned experiment's params against the schema before
+queueing anything (with DVC's own ``-S`` writer, so what is checked is what will run),
+skips experiments that already exist for this commit (``--rerun`` replaces them),
+starts the queue with ``dvc queue start -j J``, polls ``dvc queue status`` until every
+queued experiment has finished, then writes the report (``dmp report``). ``--dry-run``
+prints the commands as a shell script and runs nothing.
+
+Overrides always use ``++key=value``: DVC then sets the key whether or not the lean
+params.yaml lists it (a plain ``key=value`` fails for an absent key); a misspelt key
+is still refused, by the plan check here and by the pipeline's ``params`` stage.
+
+Data scaling measures data, not compute: by default (``--budget steps``) every fraction
+trains the same number of optimiser steps (``pretrain.steps``/``finetune.steps`` set,
+epochs null), so a smaller fraction repeats its images more often. ``--budget epochs``
+trains the same number of epochs instead (steps null), so fraction f also gets f times
+the compute of the full set; the experiment names say which (``-ep<E>``).
+"""
+from __future__ import annotations
+
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from dmp_core.config import Config, ParamsError, load_config
+from dmp_core.errors import DmpError
+from orchestration.repo import echo, params_differ_from_head, untracked_sources
+
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+VARIANTS = ("mamo", "denoising")
+FRACTIONS_TEXT, VARIANTS_TEXT = ",".join(f"{f:g}" for f in FRACTIONS), ",".join(VARIANTS)  # option defaults
+TRAIN_STAGES = ("pretrain", "finetune")
+# (name, overrides): the planned ablations; the denoising rows state the variant
+# explicitly so they do not depend on the baseline's params.yaml
+ABLATIONS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("mamo", {"objective.variant": "mamo"}),
+    ("denoise-hog", {"objective.variant": "denoising"}),
+    ("denoise-pixel", {"objective.variant": "denoising", "objective.mim_target": "pixel"}),
+    ("denoise-no-vicreg", {"objective.variant": "denoising", "objective.vicreg": "false"}),
+    ("denoise-no-itc", {"objective.variant": "denoising", "objective.itc": "false"}),
+    ("denoise-text025", {"objective.variant": "denoising", "objective.text_mask_ratio": "0.25"}),
+)
+FINISHED = ("success", "failed", "killed", "stopped")
+
+
+class StudyFailed(DmpError):
+    """A dvc command of the study failed (the message names it and its last line)."""
+Budget = Literal["steps", "epochs"]
+
+
+@dataclass
+class PlannedExp:
+    name: str
+    overrides: dict[str, str] = field(default_factory=dict)  # dotted key -> YAML value
+
+    def set_params(self) -> list[str]:
+        """The ``-S`` values: ``++`` sets a key whether or not params.yaml lists it."""
+        return [f"++{key}={value}" for key, value in self.overrides.items()]
+
+    def command(self) -> list[str]:
+        cmd = ["dvc", "exp", "run", "--queue", "--name", self.name]
+        for item in self.set_params():
+            cmd += ["-S", item]
+        return cmd
+
+
+# ------------------------------------------------------------------ plans
+def ablation_plan(seeds: int) -> list[PlannedExp]:
+    return [PlannedExp(f"abl-{name}-s{seed}", {**overrides, "seed": str(seed)})
+            for name, overrides in ABLATIONS for seed in range(seeds)]
+
+
+def seeds_plan(seeds: int, variants: Sequence[str] = VARIANTS, first_seed: int = 0) -> list[PlannedExp]:
+    """Each variant at the params.yaml settings with seeds ``first_seed..seeds-1``."""
+    return [PlannedExp(f"seed-{variant}-s{seed}", {"objective.variant": variant, "seed": str(seed)})
+            for variant in variants for seed in range(first_seed, seeds)]
+
+
+def budget_overrides(budget: Budget, base: Config, epochs: int) -> dict[str, str]:
+    """The training-length keys every scaling experiment sets, so that the policy holds
+    whatever params.yaml says: equal steps (from params.yaml) or equal epochs."""
+    out: dict[str, str] = {}
+    for stage in TRAIN_STAGES:
+        if budget == "steps":
+            steps = getattr(base, stage).steps
+            if steps is None:
+                raise ParamsError(f"{stage}.steps: null in params.yaml (it sets {stage}.epochs), so an equal-steps "
+                                  f"scaling study has no step count; set {stage}.steps or use --budget epochs")
+            out |= {f"{stage}.steps": str(steps), f"{stage}.epochs": "null"}
+        else:
+            out |= {f"{stage}.steps": "null", f"{stage}.epochs": str(epochs)}
+    return out
+
+
+def scaling_plan(seeds: int, fractions: Sequence[float] = FRACTIONS, variants: Sequence[str] = VARIANTS, *,
+                 budget: Budget = "steps", base: Optional[Config] = None, epochs: int = 1) -> list[PlannedExp]:
+    """data.fraction x variant x seed, all with the same training budget (see the module doc)."""
+    lengths = budget_overrides(budget, base or Config(), epochs)
+    tag = "" if budget == "steps" else f"-ep{epochs}"
+    return [PlannedExp(f"scale-{variant}-f{round(fraction * 100):03d}{tag}-s{seed}",
+                       {"objective.variant": variant, "data.fraction": f"{fraction:g}", **lengths, "seed": str(seed)})
+            for variant in variants for fraction in fractions for seed in range(seeds)]
+
+
+def training_images(cfg: Config) -> Optional[int]:
+    """Training images at ``cfg.data.fraction`` (synthetic: from the params; else None)."""
+    if cfg.data.name != "synthetic":
+        return None
+    return math.ceil(cfg.data.synthetic.n_train * cfg.data.fraction)
+
+
+def budget_lines(budget: Budget, configs: Sequence[Config]) -> list[str]:
+    """The policy in words and, per fraction, the steps and epochs each stage will train."""
+    if budget == "steps":
+        lines = ["budget: equal optimiser steps at every data.fraction (steps set, epochs null): a smaller "
+                 "fraction repeats its images more often, so the curve measures data, not compute "
+                 "(--budget epochs: equal epochs instead)"]
+    else:
+        lines = ["budget: equal epochs at every data.fraction (epochs set, steps null): fraction f also trains "
+                 "f x the steps of the full set, so data and compute change together (--budget steps: equal steps)"]
+    seen = set()
+    for cfg in configs:
+        if cfg.data.fraction in seen:
+            continue
+        seen.add(cfg.data.fraction)
+        images = training_images(cfg)
+        parts = []
+        for stage in TRAIN_STAGES:
+            train = getattr(cfg, stage)
+            if images is None:
+                parts.append(f"{stage} " + (f"{train.steps} steps" if train.steps else f"{train.epochs} epochs"))
+                continue
+            pairs = images * (cfg.data.synthetic.captions_per_image if train.captions == "all" else 1)
+            per_epoch = pairs // train.batch_size  # the loop drops the last partial batch
+            steps = train.steps if train.steps is not None else train.epochs * per_epoch
+            parts.append(f"{stage} {steps} steps = {steps / max(per_epoch, 1):.1f} epochs")
+        where = f"{images} training images" if images is not None else "training images: see preprocessing"
+        lines.append(f"  fraction {cfg.data.fraction:g}: {where}; " + ", ".join(parts))
+    return lines
+
+
+# ------------------------------------------------------------------ checks before queueing
+def planned_configs(plan: Sequence[PlannedExp], params: Path) -> list[Config]:
+    """The validated params each planned experiment will run with.
+
+    Applies the ``-S`` values with DVC's own writer (``dvc.utils.hydra.apply_overrides``,
+    what ``dvc exp run -S`` calls) to a copy of ``params``; a bad key or value raises
+    ParamsError naming the experiment and the key, before anything is queued."""
+    from dvc.utils.hydra import apply_overrides
+
+    configs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for exp in plan:
+            copy = Path(tmp) / "params.yaml"
+            shutil.copyfile(params, copy)
+            apply_overrides(copy, exp.set_params())
+            try:
+                configs.append(load_config(copy))
+            except ParamsError as err:
+                raise ParamsError(f"experiment {exp.name}: {str(err).replace(str(copy), str(params))}") from None
+    return configs
+
+
+# ------------------------------------------------------------------ running
+def _show(cmd: Sequence[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def _run(cmd: Sequence[str]) -> str:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()
+        raise StudyFailed(f"study: `{_show(cmd)}` failed: {last[-1] if last else proc.returncode}")
+    return proc.stdout
+
+
+def queue_states(status_output: str, names: Sequence[str]) -> dict[str, str]:
+    """Status (lower case) of each named experiment in ``dvc queue status`` output."""
+    states = {}
+    for line in status_output.splitlines():
+        tokens = line.split()
+        for name in names:
+            if name in tokens:
+                states[name] = tokens[-1].lower()
+    return states
+
+
+def existing_experiments(dvc: Sequence[str]) -> set[str]:
+    """Names of the experiments of the current commit."""
+    return {line.strip() for line in _run([*dvc, "exp", "list", "--name-only"]).splitlines() if line.strip()}
+
+
+def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: Path, poll_s: float = 15.0,
+              rerun: bool = False, policy: Sequence[str] = ()) -> int:
+    """Queue, run and wait for ``plan``, then write the report; returns the report's exit
+    status (``dry_run``: print the commands as a shell script, run nothing, return 0)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    start = ["dvc", "queue", "start", "-j", str(jobs)]
+    report = ["dmp", "report", "--params", str(params)]
+    if dry_run:
+        for line in policy:
+            print(f"# {line}")
+        for exp in plan:
+            print(_show(exp.command()))
+        print(_show(start))
+        print("dvc queue status   # polled until every experiment above has finished")
+        print(_show(report))
+        return 0
+    for line in policy:
+        echo(f"study: {line}")
+    differ, _ = params_differ_from_head(params, load_config(params))
+    if differ:
+        echo(f"study: note: {params} differs from HEAD's in {', '.join(differ)}; every experiment of this study "
+             f"starts from the workspace, so it includes that change")
+
+    existing = existing_experiments(dvc)
+    todo = []
+    for exp in plan:
+        if exp.name in existing and not rerun:
+            echo(f"study: {exp.name} exists for this commit: kept (--rerun replaces it)")
+            continue
+        if exp.name in existing:
+            _run([*dvc, "exp", "remove", exp.name])
+        todo.append(exp)
+    copies = untracked_sources()
+    if todo and copies:
+        echo(f"study: not in git, copied into each experiment's folder (-C) but not recorded in its commit: "
+             f"{', '.join(copies)}")
+    copy_args = [arg for path in copies for arg in ("-C", path)]
+    for i, exp in enumerate(todo, start=1):
+        _run(dvc + exp.command()[1:] + copy_args)
+        echo(f"study: queued {exp.name} ({i}/{len(todo)})")
+    if todo:
+        _run(dvc + start[1:])
+    names = [exp.name for exp in todo]
+    last = ""
+    states: dict[str, str] = {}
+    while names:
+        states = queue_states(_run(dvc + ["queue", "status"]), names)
+        done = [n for n in names if states.get(n) in FINISHED]
+        line = f"study: {len(done)}/{len(names)} finished, {sum(states.get(n) == 'running' for n in names)} running"
+        if line != last:
+            echo(line)
+            last = line
+        if len(done) == len(names):
+            break
+        time.sleep(poll_s)
+    failed = [n for n in names if states.get(n) != "success"]
+    if failed:
+        echo(f"study: {len(failed)} failed ({', '.join(failed)}); see `dvc queue logs <name>`")
+    return subprocess.run([sys.executable, "-m", "stages", *report[1:]]).returncode
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ParamsError(f"--fractions: {text!r} is not a comma-separated list of numbers") from None
+    bad = [v for v in values if not 0.0 < v <= 1.0]
+    if not values or bad:
+        raise ParamsError(f"--fractions: every fraction must be in (0, 1] (got {text!r})")
+    return values
+
+
+def parse_variants(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [v for v in values if v not in VARIANTS]
+    if not values or unknown:
+        raise ParamsError(f"--variants: unknown variant(s) {', '.join(unknown) or text!r} (known: {', '.join(VARIANTS)})")
+    return values
