@@ -134,7 +134,12 @@ class ModelParams(_Section):
     itm_head: Literal["linear", "mlp"] = "mlp"
     # the image [CLS] state joins the fused sequence (before the patches)
     fusion_image_cls: bool = True
+    # masked patches: a learned mask token (ViT: before the position embeddings; CNN: a
+    # learned mask colour in pixel space) or zero (the normalised mean colour; the seed's choice)
     image_masking: Literal["token", "zero"] = "token"
+    # CNN image towers: the stem and the first k block stages are frozen (and run without
+    # autograd); None = the preset's
+    image_freeze_stages: Optional[int] = Field(None, ge=0)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -158,7 +163,9 @@ class VicregParams(_Section):
 
 
 class ObjectiveParams(_Section):
-    variant: Literal["mamo", "denoising"] = "denoising"
+    # denoising | mamo | frozen: the alignment-only baseline (LiT): both pretrained towers
+    # locked, only the projections, the fusion and the ITM head trained, with ITC + ITM
+    variant: Literal["mamo", "denoising", "frozen"] = "denoising"
     # None = the variant's recipe (METHOD.md sections 3 and 4); True/False overrides
     mrm: Optional[bool] = None
     mim: Optional[bool] = None
@@ -204,8 +211,9 @@ class ObjectiveParams(_Section):
 
     def resolve(self) -> "ResolvedObjectives":
         """Apply the variant's recipe (METHOD.md sections 3-4) and the switches that override it."""
-        mamo = self.variant == "mamo"
-        recipe = {"mrm": mamo, "mim": True, "mlm": True, "itc": True, "itm": True, "vicreg": not mamo}
+        mamo, frozen = self.variant == "mamo", self.variant == "frozen"
+        recipe = {"mrm": mamo, "mim": not frozen, "mlm": not frozen, "itc": True, "itm": True,
+                  "vicreg": not (mamo or frozen)}
         switches = {"mrm": self.mrm, "mim": self.mim, "mlm": self.mlm, "itc": self.itc, "itm": self.itm,
                     "vicreg": self.vicreg}
         on = {name: recipe[name] if switches[name] is None else switches[name] for name in recipe}
@@ -363,6 +371,12 @@ class Config(_Section):
                              f"of model.preset={self.model.preset}")
         if patch % self.targets.hog.cell:
             raise ValueError(f"targets.hog.cell={self.targets.hog.cell} must divide the patch size {patch}")
+        if self.objective.variant == "frozen":
+            spec = preset_spec(self.model.preset)
+            bare = [tower for tower in ("image", "text") if not spec[tower].get("pretrained")]
+            if bare or not self.model.pretrained:
+                raise ValueError(f"objective.variant=frozen locks both towers, but model.preset={self.model.preset} "
+                                 f"has no pretrained {' or '.join(bare) or 'towers (model.pretrained=false)'} tower")
         if self.data.name == "synthetic":
             n_train = math.ceil(self.data.synthetic.n_train * self.data.fraction)
             for stage in ("pretrain", "finetune"):

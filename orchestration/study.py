@@ -36,7 +36,8 @@ from dmp_core.errors import DmpError
 from orchestration.repo import echo, params_differ_from_head, untracked_sources
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-VARIANTS = ("mamo", "denoising")
+VARIANTS = ("mamo", "denoising")  # the default pair; --variants may add frozen (the LiT baseline)
+KNOWN_VARIANTS = ("mamo", "denoising", "frozen")
 FRACTIONS_TEXT, VARIANTS_TEXT = ",".join(f"{f:g}" for f in FRACTIONS), ",".join(VARIANTS)  # option defaults
 TRAIN_STAGES = ("pretrain", "finetune")
 # (name, overrides): the planned ablations; the denoising rows state the variant
@@ -273,7 +274,8 @@ def parse_fractions(text: str) -> list[float]:
 
 def parse_variants(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [v for v in values if v not in VARIANTS]
+    unknown = [v for v in values if v not in KNOWN_VARIANTS]
     if not values or unknown:
-        raise ParamsError(f"--variants: unknown variant(s) {', '.join(unknown) or text!r} (known: {', '.join(VARIANTS)})")
+        raise ParamsError(f"--variants: unknown variant(s) {', '.join(unknown) or text!r} "
+                          f"(known: {', '.join(KNOWN_VARIANTS)})")
     return values

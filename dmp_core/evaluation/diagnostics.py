@@ -213,7 +213,8 @@ def text_use_gap(model: torch.nn.Module, data: RetrievalSplit, cfg: Any, *, n_pa
         img, ids, attn = _load(data, images[sl], captions[sl], device)
         _, other_ids, other_attn = _load(data, images[sl], shuffled_captions[sl], device)
         pixels = model.preprocess(img)
-        patch_mask = image_block_mask(len(img), model.grid_size, mask_ratio, generator=gen, device=device)
+        patch_mask = image_block_mask(len(img), model.grid_size, mask_ratio, block=model.mask_block, generator=gen,
+                                      device=device)
         masked_states = model.encode_image(pixels, patch_mask)
         if kind == "momentum":
             target = model.encode_image(pixels)[:, 1:]

@@ -1,6 +1,7 @@
 """The model: ``create_model(model_params, *, image_size, vocab_size) -> DMPModel``.
 
-A preset (``configs/<name>.json``) names the timm image architecture and its patch size,
+A preset (``configs/<name>.json``) names the timm image architecture (a ViT, or with
+``"kind": "cnn"`` an EfficientNet whose last feature map is the token grid) and its patch size,
 the BERT shape, where pretrained weights come from and how the BERT layers split into
 text and fusion halves; the ``model`` section of params.yaml overrides it.
 :func:`model_from_config` builds the model a whole config implies (with the MIM head
@@ -14,6 +15,7 @@ from transformers import BertConfig
 
 from dmp_core.config import PRESET_DIR, Config, ModelParams, ParamsError, preset_spec
 from dmp_core.errors import CheckpointError
+from dmp_core.models.cnn import CNNTower
 from dmp_core.models.fusion import MergedFusion
 from dmp_core.models.model import DMPModel
 from dmp_core.models.text import TextTower, load_bert, load_mlm_head_state
@@ -87,10 +89,15 @@ def create_model(model_params: ModelParams, *, image_size: int, vocab_size: int,
             raise ParamsError(f"model.patch_size={model_params.patch_size}: the pretrained image tower of preset "
                               f"{model_params.preset} has patch size {spec['image']['patch_size']}")
         spec = {**spec, "image": {**spec["image"], "patch_size": model_params.patch_size}}
-    vision = VisionTower(
-        spec["image"], image_size=image_size, pretrained=model_params.pretrained,
-        weights=model_params.image_weights, drop_path=model_params.drop_path, masking=model_params.image_masking,
-    )
+    kwargs = dict(image_size=image_size, pretrained=model_params.pretrained, weights=model_params.image_weights,
+                  drop_path=model_params.drop_path, masking=model_params.image_masking)
+    if spec["image"].get("kind", "vit") == "cnn":
+        vision = CNNTower(spec["image"], freeze_stages=model_params.image_freeze_stages, **kwargs)
+    else:
+        if model_params.image_freeze_stages:
+            raise ParamsError(f"model.image_freeze_stages: preset {model_params.preset} has a ViT image tower "
+                              "(freezing stages applies to CNN towers)")
+        vision = VisionTower(spec["image"], **kwargs)
     if image_size % vision.patch_size:
         raise ParamsError(f"data.image_size={image_size} is not a multiple of the patch size {vision.patch_size}")
     bert = load_bert(spec["text"], vocab_size=vocab_size, pretrained=model_params.pretrained,
@@ -104,7 +111,7 @@ def create_model(model_params: ModelParams, *, image_size: int, vocab_size: int,
     fusion = MergedFusion(layers[n_text:], vision.width, config.hidden_size, vision.num_patches,
                           fusion_cls=model_params.itm_state in ("fusion_cls", "concat"), image_cls=model_params.fusion_image_cls,
                           eps=config.layer_norm_eps)
-    cfg = vision.vit.pretrained_cfg
+    cfg = vision.pretrained_cfg
     width = mim_dim(vision.width) if callable(mim_dim) else mim_dim
     model = DMPModel(
         vision, text, fusion, config,

@@ -11,6 +11,7 @@ from transformers import BertConfig
 from dmp_core.models.fusion import MergedFusion
 from dmp_core.models.heads import MLMHead, bert_init
 from dmp_core.models.text import TextTower
+from dmp_core.models.cnn import CNNTower
 from dmp_core.models.vision import VisionTower
 
 TEMP_INIT, TEMP_MIN, TEMP_MAX = 0.07, 0.001, 0.5
@@ -37,7 +38,7 @@ class DMPModel(nn.Module):
     "lightweight head") when the pretraining objective has MIM; it lives in the model so
     that evaluation can measure whether MIM uses the text (the text-use gap)."""
 
-    def __init__(self, vision: VisionTower, text: TextTower, fusion: MergedFusion, bert_config: BertConfig,
+    def __init__(self, vision: VisionTower | CNNTower, text: TextTower, fusion: MergedFusion, bert_config: BertConfig,
                  *, embed_dim: int, mean: tuple[float, ...], std: tuple[float, ...], preset: str,
                  itm_state: str = "text_cls", itm_head: str = "mlp", mim_dim: Optional[int] = None,
                  text_pool: str = "cls") -> None:
@@ -82,6 +83,11 @@ class DMPModel(nn.Module):
     @property
     def num_patches(self) -> int:
         return self.vision.num_patches
+
+    @property
+    def mask_block(self) -> int:
+        """MIM masks square blocks of this many patches per side (ViT: 2; CNN: 1)."""
+        return self.vision.mask_block
 
     @property
     def grid_size(self) -> tuple[int, int]:

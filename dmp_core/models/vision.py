@@ -52,8 +52,14 @@ class VisionTower(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.width = int(self.vit.embed_dim)
         self.masking = masking
+        self.mask_block = int(spec.get("mask_block", 2))  # MIM masks blocks of 2 x 2 patches (SimMIM's 32 px)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's pretrained config of the tower (mean, std, interpolation)."""
+        return self.vit.pretrained_cfg
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that take no weight decay: timm's own

@@ -83,6 +83,11 @@ class Pretrainer(nn.Module):
         # ITM's swapped-caption negatives (objective.itm_swap_negatives; dmp_core.losses.swaps)
         self.swap_table = swap_table if self.objectives.itm and cfg.objective.itm_swap_negatives else None
         self.progress = 0.0  # share of the run done, set by the training loop (ITM hard-negative ramp)
+        # variant=frozen (the LiT baseline): both towers locked in pretraining and finetuning
+        self.frozen_towers = cfg.objective.variant == "frozen"
+        if self.frozen_towers:
+            model.vision.requires_grad_(False)
+            model.text.requires_grad_(False)
         self.ema: Optional[ModelEmaV3] = None
         self.ema_decay = 0.0
         if o.needs_ema:
@@ -95,6 +100,9 @@ class Pretrainer(nn.Module):
         super().train(mode)
         if self.ema is not None:
             self.ema.module.eval()  # the target network never uses dropout
+        if self.frozen_towers:
+            self.model.vision.eval()  # locked towers: no dropout, fixed statistics
+            self.model.text.eval()
         return self
 
     @torch.no_grad()
@@ -127,7 +135,7 @@ class Pretrainer(nn.Module):
         # --- masks (global RNG: deterministic given the seed)
         need_masked_image = o.mim or o.mrm
         need_masked_text = o.mlm or o.mrm
-        patch_mask = (image_block_mask(b, model.grid_size, o.image_mask_ratio, device=device)
+        patch_mask = (image_block_mask(b, model.grid_size, o.image_mask_ratio, block=model.mask_block, device=device)
                       if need_masked_image else None)
         masked_ids = labels = None
         if need_masked_text:
