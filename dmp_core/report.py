@@ -591,10 +591,19 @@ class Comparison:
         return f"{self.a.label} − {self.b.label}"
 
 
+# variants in the order of their differences (denoising − MAMO, denoising − frozen, MAMO − frozen)
+VARIANT_ORDER = ("denoising", "mamo", "frozen")
+VARIANT_NAMES = {"denoising": "denoising", "mamo": "MAMO", "frozen": "frozen towers"}
+
+
+def _variant_rank(group: Group) -> int:
+    return VARIANT_ORDER.index(group.variant) if group.variant in VARIANT_ORDER else len(VARIANT_ORDER)
+
+
 def _order(a: Group, b: Group, key: str, baseline: Mapping[str, Any]) -> tuple[Group, Group]:
-    """denoising − mamo for the variant; otherwise the changed setting minus its base."""
+    """denoising − mamo (− frozen) for the variant; otherwise the changed setting minus its base."""
     if key == "objective.variant":
-        return (a, b) if a.variant == "denoising" else (b, a)
+        return (a, b) if _variant_rank(a) <= _variant_rank(b) else (b, a)
     if b.params.get(key) != baseline.get(key) and a.params.get(key) == baseline.get(key):
         return b, a
     if a.params.get(key) != baseline.get(key) and b.params.get(key) == baseline.get(key):
@@ -711,7 +720,7 @@ def _subject(comp: Comparison, name_a: str, name_b: str) -> str:
 
 
 def _variant_sentence(comp: Comparison) -> str:
-    """The denoising − MAMO part of the verdict.
+    """The denoising − MAMO part of the verdict (or denoising / MAMO − frozen towers).
 
     Recipes are compared only when both ran >= RECIPE_MIN_SEEDS common seeds: the claim
     then rests on the across-seed t interval, and the bootstrap interval (one pair of
@@ -719,17 +728,19 @@ def _variant_sentence(comp: Comparison) -> str:
     about these checkpoints / these N-seed runs, with the seed counts.
     """
     na, nb = _group_seeds(comp.a), _group_seeds(comp.b)
+    name_a, name_b = (VARIANT_NAMES.get(str(g.variant), str(g.variant)) for g in (comp.a, comp.b))
+    title = f"{name_a[0].upper()}{name_a[1:]} − {name_b}"
     rest = describe_diff(comp.a.diff, skip=("objective.variant",))
     where = f" at {rest}" if rest else ""
     scorer = SCORER_NAMES.get(comp.run_a.headline, "") if comp.run_a else ""
     ci = comp.seed_ci
     runs = f"runs {comp.run_a.name} vs {comp.run_b.name}" if comp.run_a and comp.run_b else ""
     if ci is not None and ci["n"] >= RECIPE_MIN_SEEDS:
-        better = ("denoising is better than MAMO as a recipe" if ci["diff"] > 0
-                  else "MAMO is better than denoising as a recipe")
+        better = (f"{name_a} is better than {name_b} as a recipe" if ci["diff"] > 0
+                  else f"{name_b} is better than {name_a} as a recipe")
         claim = f"excludes 0: {better}" if excludes_zero(ci) else \
             "includes 0: no difference between the recipes can be claimed"
-        text = (f"Denoising − MAMO{where} as recipes (finetuned, {scorer}; denoising {_n_seeds(na)}, MAMO "
+        text = (f"{title}{where} as recipes (finetuned, {scorer}; {name_a} {_n_seeds(na)}, {name_b} "
                 f"{_n_seeds(nb)}): over the {ci['n']} seeds both ran, the R mean difference is "
                 f"{_signed(ci['diff'])} ± {ci['std']:.1f} (mean ± std), 95% t interval over seeds "
                 f"[{_signed(ci['lo'])}, {_signed(ci['hi'])}] ({ci['dof']} dof); the across-seed interval {claim} "
@@ -742,15 +753,15 @@ def _variant_sentence(comp: Comparison) -> str:
         else:
             text += f" The within-test-set (bootstrap) interval is missing: {comp.why_not}."
         return text
-    subject = _subject(comp, "denoising", "MAMO")
+    subject = _subject(comp, name_a, name_b)
     if comp.result is None:
-        text = f"Denoising − MAMO ({comp.title}; {subject}) has no interval: {comp.why_not}."
+        text = f"{title} ({comp.title}; {subject}) has no interval: {comp.why_not}."
     else:
         r = comp.result["r_mean"]
-        claim = ("excludes 0: " + ("denoising is better" if r["diff"] > 0 else "MAMO is better")
+        claim = ("excludes 0: " + (f"{name_a} is better" if r["diff"] > 0 else f"{name_b} is better")
                  + f" for {subject} on this test split") if excludes_zero(r) else \
             f"includes 0: no difference can be claimed for {subject}"
-        text = (f"Denoising − MAMO{where} (finetuned, {scorer}, {runs}): R mean {_signed(r['diff'])} points, "
+        text = (f"{title}{where} (finetuned, {scorer}, {runs}): R mean {_signed(r['diff'])} points, "
                 f"95% CI [{_signed(r['lo'])}, {_signed(r['hi'])}] (paired bootstrap over {comp.unit}); "
                 f"the interval {claim}.")
     if ci is not None:
@@ -763,7 +774,7 @@ def _variant_sentence(comp: Comparison) -> str:
                  f"({common} in common).")
     else:
         text += (f" This is not a claim about the recipes: that needs >= {RECIPE_MIN_SEEDS} seeds of each "
-                 f"(denoising {na}, MAMO {nb}).")
+                 f"({name_a} {na}, {name_b} {nb}).")
     return text
 
 
@@ -1238,7 +1249,7 @@ def build_report(
     section("Paired differences", statistics_table(comps),
             "No pair of methods differs in exactly one setting.",
             f"Every pair of methods that differ in exactly one setting: A − B in percentage points on the finetuned "
-            f"model's ranks under the scorer named in the table (the two variants: denoising − MAMO; an ablation: changed − base), "
+            f"model's ranks under the scorer named in the table (variants: denoising − MAMO, either − frozen towers; an ablation: changed − base), "
             f"with the paired bootstrap 95% interval over the test split's independent units ({bootstrap_samples} "
             f"resamples with replacement, the same resamples for A and B; RNG seed {BOOTSTRAP_SEED}). The unit "
             f"(column *bootstrap unit*) is the binding group where the split has them (images that are each other's "
