@@ -163,8 +163,8 @@ class VicregParams(_Section):
 
 
 class ObjectiveParams(_Section):
-    # denoising | mamo | frozen: the alignment-only baseline (LiT): both pretrained towers
-    # locked, only the projections, the fusion and the ITM head trained, with ITC + ITM
+    # frozen: the alignment-only baseline (LiT): both pretrained towers locked, only the
+    # projections, the fusion and the ITM head trained, with ITC + ITM
     variant: Literal["mamo", "denoising", "frozen"] = "denoising"
     # None = the variant's recipe (METHOD.md sections 3 and 4); True/False overrides
     mrm: Optional[bool] = None
@@ -334,6 +334,9 @@ class TrackingParams(_Section):
 
 
 class ReportParams(_Section):
+    # the retrieval gallery shows test images: false for research-use photos that a
+    # committed report must not carry
+    gallery: bool = True
     gallery_queries: int = Field(4, ge=1)
     include_seed_numbers: bool = True
     bootstrap_samples: int = Field(2000, ge=100)  # paired bootstrap of recall differences

@@ -1171,6 +1171,7 @@ def build_report(
     warnings: Sequence[str] = (),
     histories: Mapping[str, pd.DataFrame] | None = None,
     gallery: GalleryData | None = None,
+    no_gallery: str = "reports/evaluate/scores.npz or the prepared test split is missing",
     gallery_run: str = "workspace",
     gallery_queries: int = 4,
     include_seed_numbers: bool = True,
@@ -1284,7 +1285,7 @@ def build_report(
 
     lines.extend(["## Retrieval gallery", ""])
     if gallery is None:
-        lines.extend(["No gallery: reports/evaluate/scores.npz or the prepared test split is missing.", ""])
+        lines.extend([f"No gallery: {no_gallery}.", ""])
     else:
         gallery_label = labels.get(gallery_run, gallery_run)
         for model in gallery.scores:

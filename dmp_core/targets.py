@@ -375,3 +375,18 @@ def run_targets(
         summary["splits"][split] = {"images": n, "shapes": sidecar["shapes"]}
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary
+
+
+def mim_targets(cfg: Any, kind: str, raw_images: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor,
+                precomputed: torch.Tensor | None = None) -> torch.Tensor:
+    """HOG or pixel MIM targets [B, N, D] of uint8 images: the precomputed ones (targets
+    stage) when given, else computed on the fly. Pixel targets without per-patch
+    normalisation are mapped into the image tower's normalised input space (SimMIM), given
+    by the tower's ``pixel_mean`` / ``pixel_std``."""
+    if precomputed is not None:
+        out = precomputed.to(raw_images.device).float()
+    else:
+        out = compute_targets(raw_images, kind, cfg)
+    if kind == "pixel" and not cfg.targets.pixel.norm_per_patch:
+        out = normalise_pixel_targets(out, pixel_mean, pixel_std)
+    return out

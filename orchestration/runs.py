@@ -365,9 +365,11 @@ def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("da
     scores = reports / "evaluate" / "scores.npz"
     split_dir = prepared / cfg.eval.split
     gallery = (load_gallery(scores, split_dir, dataset=cfg.data.name)
-               if scores.is_file() and (split_dir / "images.npy").is_file() else None)
+               if cfg.report.gallery and scores.is_file() and (split_dir / "images.npy").is_file() else None)
+    no_gallery = ("report.gallery is false (the test images are not to be shown)" if not cfg.report.gallery else
+                  f"{scores} or the prepared test split is missing")
     path = build_report(inputs.runs, reports, baseline=inputs.baseline, baseline_source=inputs.baseline_source,
-                        warnings=inputs.warnings, histories=inputs.histories, gallery=gallery,
+                        warnings=inputs.warnings, histories=inputs.histories, gallery=gallery, no_gallery=no_gallery,
                         gallery_queries=cfg.report.gallery_queries,
                         include_seed_numbers=cfg.report.include_seed_numbers,
                         bootstrap_samples=cfg.report.bootstrap_samples, notes=inputs.notes)

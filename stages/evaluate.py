@@ -18,7 +18,7 @@ def evaluate_cmd(
     stage: Annotated[list[str], typer.Option(help="models to evaluate, in order (the last one fills scores.npz)")] = ["pretrain", "finetune"],
 ) -> None:
     """ALBEF-protocol retrieval (ITC top-k, ITM re-rank) -> reports/evaluate/{metrics.json,scores.npz}."""
-    from dmp_core.evaluation.retrieval import run_evaluate, summary_line
+    from dmp_core.evaluation.evaluate import run_evaluate, summary_line
 
     cfg = load(params)
     models = {name: models_dir / name / "model.safetensors" for name in stage}

@@ -136,7 +136,7 @@ def test_a_tiny_run_of_each_variant_with_the_cnn_tower_trains_end_to_end(cnn_dat
     """Pretrain + finetune + evaluate; what trains moves and what is frozen does not."""
     from safetensors.torch import load_file
 
-    from dmp_core.evaluation.retrieval import run_evaluate
+    from dmp_core.evaluation.evaluate import run_evaluate
     from dmp_core.training.loop import run_training
 
     cfg = _cnn_config(cnn_data, variant, pretrained=variant == "frozen")  # frozen locks pretrained towers

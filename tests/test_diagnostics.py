@@ -19,7 +19,7 @@ from conftest import tiny_config
 from dmp_core.evaluation.diagnostics import image_use_gap, itm_auc, text_use_gap
 from dmp_core.evaluation.retrieval import RetrievalSplit, encode_split, itc_similarity
 from dmp_core.models.fusion import JointLayout
-from dmp_core.training.masking import SpecialTokens
+from dmp_core.masking import SpecialTokens
 
 VOCAB, SIZE, PATCH, LOGIT = 1200, 16, 8, 3.0
 N_IMAGES, CAPTIONS, LENGTH = 12, 2, 6
@@ -47,6 +47,7 @@ class HandBuilt(nn.Module):
         self.vocab_size = VOCAB
         self.grid_size = (SIZE // PATCH, SIZE // PATCH)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.mask_block = 2  # SimMIM blocks of 2 x 2 patches, as the ViT tower
         self.layout = JointLayout(fusion_cls=False, image_cls=True, num_patches=self.num_patches)
         self.mim_head = nn.Identity()
 

@@ -20,8 +20,8 @@ from dmp_core.evaluation.retrieval import (
     exhaustive_itm,
     img2txt_from_txt2img,
     retrieval_metrics,
-    run_evaluate,
 )
+from dmp_core.evaluation.evaluate import run_evaluate
 
 
 # ------------------------------------------------------------ brute-force reference

@@ -43,7 +43,7 @@ def test_params_doc_lists_every_schema_key(tmp_path) -> None:
     defaults = flatten(Config())
     rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
     assert set(rows) == set(defaults)
-    assert "| `objective.variant` | mamo \\| denoising | `denoising` | yes |" in rows["objective.variant"]
+    assert "| `objective.variant` | mamo \\| denoising \\| frozen | `denoising` | yes |" in rows["objective.variant"]
     assert "| `finetune.steps` | int \\| null (>= 1) | `100` | yes |" in rows["finetune.steps"]  # FinetuneParams, not TrainParams (500)
     assert "| `pretrain.epochs` | int \\| null (>= 1) | `null` |  |" in rows["pretrain.epochs"]
     assert "share of the run" in rows["pretrain.warmup"]  # the comment beside the field in config.py

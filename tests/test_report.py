@@ -588,3 +588,16 @@ def test_experiment_run_ids_and_curves_come_from_mlflow(tmp_path, monkeypatch) -
     history = mlflow_history(client, pre)
     assert history["step"].tolist() == [1, 2, 3] and history["loss_mrm"].tolist() == [1.0, 0.0, -1.0]
     assert "lr" not in history and mlflow_history(client, ids["abl-mamo-s0", "pretrain"]) is None
+
+
+def test_the_frozen_tower_baseline_is_compared_with_both_variants(tmp_path) -> None:
+    """Three variants at one setting: every difference reads denoising − MAMO − frozen towers."""
+    shared = dict(model__preset="effnet_lite0_minilm", data__image_size=64)
+    runs = [_run("den", 0.9, workspace=True, **shared), _run("mamo", 0.5, objective__variant="mamo", **shared),
+            _run("frozen", 0.05, objective__variant="frozen", **shared)]
+    text = build_report(runs, tmp_path, baseline=_params(**shared), bootstrap_samples=SAMPLES).read_text()
+    verdict = _verdict(text)
+    for title, better in (("Denoising − MAMO", "denoising is better"), ("Denoising − frozen towers", "denoising is better"),
+                          ("MAMO − frozen towers", "MAMO is better")):
+        assert title in verdict and better in verdict, title
+    assert "frozen towers − " not in verdict and "MAMO − denoising" not in verdict

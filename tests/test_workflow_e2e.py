@@ -256,6 +256,27 @@ def test_make_run_again_reruns_only_the_always_changed_stages(repo: Path) -> Non
     PASSED.add("make run again")
 
 
+def test_a_changed_default_in_the_schema_makes_the_stages_that_read_it_stale(repo: Path) -> None:
+    """Every key absent from the lean params.yaml takes its default from dmp_core/config.py, so
+    the schema is a dependency of every stage that reads params: a changed default shows in
+    ``dvc status`` (restored afterwards; no output is touched)."""
+    _require("make run")
+    schema = repo / "dmp_core" / "config.py"
+    original = schema.read_text()
+    old = "warmup_lr: float = Field(1e-6, ge=0.0)"
+    assert original.count(old) == 1
+    try:
+        schema.write_text(original.replace(old, "warmup_lr: float = Field(2e-6, ge=0.0)"))
+        status = json.loads(_dvc(repo, "status", "--json").stdout)
+        stale = {stage for stage, changes in status.items()
+                 if any("dmp_core/config.py" in str(change) for change in changes)}
+        assert {"preprocess", "targets", "pretrain", "finetune", "evaluate"} <= stale, status
+    finally:
+        schema.write_text(original)
+    status = json.loads(_dvc(repo, "status", "--json").stdout)
+    assert not any("dmp_core/config.py" in str(changes) for changes in status.values()), status
+
+
 def test_ablation_in_the_workspace(repo: Path) -> None:
     _require("make run")
     _dvc(repo, "exp", "run", "-S", "objective.vicreg=false", label="dvc exp run -S objective.vicreg=false")

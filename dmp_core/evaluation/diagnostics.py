@@ -164,7 +164,7 @@ def image_use_gap(model: torch.nn.Module, data: RetrievalSplit, *, n_pairs: int,
                   seed: int = 0, batch_size: int = 64) -> dict[str, float]:
     """MLM loss of F(shuffled image, masked text) minus F(matching image, masked text)."""
     from dmp_core.losses import mlm_loss
-    from dmp_core.training.masking import IGNORE_INDEX, mask_text
+    from dmp_core.masking import IGNORE_INDEX, mask_text
 
     device = next(model.parameters()).device
     images, captions, shuffled = _pairs(data, n_pairs)
@@ -198,8 +198,8 @@ def text_use_gap(model: torch.nn.Module, data: RetrievalSplit, cfg: Any, *, n_pa
     if getattr(model, "mim_head", None) is None:
         return {"text_use_gap": None, "mim_loss_matched": None, "mim_loss_shuffled": None}
     from dmp_core.losses import mim_loss
-    from dmp_core.training.masking import image_block_mask
-    from dmp_core.training.meta_arch import mim_targets
+    from dmp_core.masking import image_block_mask
+    from dmp_core.targets import mim_targets
 
     kind = cfg.objective.resolve().mim_target
     device = next(model.parameters()).device
@@ -219,7 +219,7 @@ def text_use_gap(model: torch.nn.Module, data: RetrievalSplit, cfg: Any, *, n_pa
         if kind == "momentum":
             target = model.encode_image(pixels)[:, 1:]
         else:
-            target = mim_targets(cfg, kind, img, model)
+            target = mim_targets(cfg, kind, img, model.pixel_mean, model.pixel_std)
         for name, (t_ids, t_attn) in (("matched", (ids, attn)), ("shuffled", (other_ids, other_attn))):
             joint = model.fuse(masked_states, model.encode_text(t_ids, t_attn), t_attn)
             loss = mim_loss(model.mim_predictions(joint), target, patch_mask, kind)

@@ -12,18 +12,15 @@ Both the re-ranked (``itm_*``) and the ITC-only (``itc_*``) metrics are reported
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from dmp_core.config import Config
 from dmp_core.errors import DataError
-from dmp_core.io import save_npz, write_json
-from dmp_core.tracking import read_run_json, resolve_tracking_uri
 
 RECALL_KS = (1, 5, 10)
 NOT_RERANKED = -100.0  # score of every pair outside the top-k candidates
@@ -324,166 +321,3 @@ def load_model(cfg: Config, weights: str | Path, vocab_size: int, device: torch.
 
 
 # ------------------------------------------------------------------------ MLflow
-def mlflow_values(entry: Mapping[str, Any]) -> dict[str, float]:
-    """One model's details entry as flat MLflow metric names: ``itm_r_mean``,
-    ``itc_tr_r1``, ``diag_itm_auc``, ``diag_image_use_gap`` ... (None values left out)."""
-    values = {f"{scorer}_{k}": v for scorer in ("itm", "itc") for k, v in entry[scorer].items()}
-    values |= {f"diag_{k}": v for k, v in entry.get("diagnostics", {}).items()}
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
-
-
-def log_to_mlflow(cfg: Config, details: Mapping[str, Any], reports_dir: str | Path, split: str) -> list[str]:
-    """Add each model's metrics and diagnostics to its training run (id from
-    ``reports/<stage>/run.json``) as ``<split>_<name>``.
-
-    Returns one line per model saying what was done (printed by the stage)."""
-    lines = []
-    reports_dir = Path(reports_dir)
-    for stage, entry in details["models"].items():
-        values = mlflow_values(entry)
-        run_json = reports_dir / stage / "run.json"
-        if not run_json.is_file():
-            lines.append(f"mlflow: {run_json} absent, {stage} metrics not logged to MLflow")
-            continue
-        run = read_run_json(run_json) or {}
-        run_id = run.get("run_id")
-        if not run_id:
-            lines.append(f"mlflow: {run_json} has no run_id, {stage} metrics not logged to MLflow")
-            continue
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=run.get("tracking_uri") or resolve_tracking_uri(cfg.tracking))
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"{split}_{k}", float(v), now, 0) for k, v in values.items()])
-        lines.append(f"mlflow: logged {len(values)} {split} metrics to run {run_id} ({stage})")
-    return lines
-
-
-# ----------------------------------------------------------------------- the stage
-HEADLINE_SCORER = "itm"  # the ALBEF protocol: ITC top-k candidates re-ranked by ITM
-METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
-
-
-def headline_metrics(details: Mapping[str, Any]) -> dict[str, Any]:
-    """The small ``metrics.json`` that `dvc exp show` lists (12 numbers, to keep the table
-    readable): finetuned recall (headline scorer) with its ITC-only R mean, the zero-shot
-    ITC R mean, and the fusion diagnostics the comparison depends on. Everything else is
-    in ``details.json``."""
-    models = details["models"]
-    out: dict[str, Any] = {}
-    if "finetune" in models:
-        ft = models["finetune"]
-        out["finetune"] = {k: ft[HEADLINE_SCORER][k] for k in METRIC_KEYS} | {"itc_r_mean": ft["itc"]["r_mean"]}
-    if "pretrain" in models:  # zero-shot: ITC, the first-stage ranking every variant has
-        out["pretrain"] = {"itc_r_mean": models["pretrain"]["itc"]["r_mean"]}
-    diags = {}
-    for name, key in (("finetune", "itm_auc"), ("finetune", "itm_auc_random"), ("pretrain", "image_use_gap"),
-                      ("pretrain", "image_use_gap_rel"), ("pretrain", "text_use_gap_rel")):
-        if name in models:
-            diags[f"{name}_{key}"] = models[name]["diagnostics"].get(key)
-    out["diagnostics"] = diags
-    return out
-
-
-def run_evaluate(
-    cfg: Config,
-    prepared_dir: str | Path,
-    models: Mapping[str, str | Path],
-    reports_dir: str | Path,
-    *,
-    out_dir: str | Path | None = None,
-    device: torch.device | str | None = None,
-    log_mlflow: bool = True,
-) -> dict[str, Any]:
-    """Evaluate each named model (e.g. ``{"pretrain": ..., "finetune": ...}``) on ``eval.split``.
-
-    Writes to ``<out_dir>`` (default ``<reports_dir>/evaluate``):
-
-    * ``details.json``: the split (dataset, size, image size), the exact chance level,
-      every recall of both scorers and the diagnostics of every model;
-    * ``metrics.json``: the headline subset (:func:`headline_metrics`), the DVC metric;
-    * ``ranks.npz``: per-query ranks ``<model>_<scorer>_tr`` [images] and ``_ir``
-      [texts] plus ``txt2img`` [texts] and ``clusters`` int64 [images], the bootstrap's
-      resampling unit of every image (0..C-1: a synthetic binding group is one cluster,
-      any other image its own; ``arange(N)`` without groups) (small; the report's paired
-      bootstrap reads them);
-    * ``scores.npz``: the score matrices (``<model>_i2t`` ...; the last model's also as
-      ``i2t``, ``t2i``, ``itc_i2t``, ``itc_t2i``) and ``txt2img``.
-
-    ``reports_dir`` holds the ``<stage>/run.json`` files whose MLflow runs receive the
-    metrics. Returns the details dict."""
-    from dmp_core.evaluation.diagnostics import itm_auc, modality_gaps
-    from dmp_core.training.dataset import read_image_clusters, read_meta
-    from dmp_core.training.masking import SpecialTokens
-    from dmp_core.stats import chance_recall
-
-    if not models:
-        raise DataError("run_evaluate: no models to evaluate")
-    start = time.perf_counter()
-    device = torch.device(device) if device is not None else pick_device()
-    out_dir = Path(out_dir) if out_dir is not None else Path(reports_dir) / "evaluate"
-    data = RetrievalSplit.from_prepared(prepared_dir, cfg.eval.split)
-    vocab_size = read_vocab_size(prepared_dir)
-    special = SpecialTokens.from_meta(read_meta(prepared_dir))
-    torch.manual_seed(cfg.seed)
-    txt2img = np.asarray(data.txt2img, dtype=np.int64)
-    img2txt = img2txt_from_txt2img(txt2img, data.n_images)
-
-    details: dict[str, Any] = {
-        "split": {"dataset": cfg.data.name, "name": cfg.eval.split, "image_size": cfg.data.image_size,
-                  "images": data.n_images, "texts": data.n_texts},
-        "k_test": cfg.eval.k_test,
-        "headline_scorer": HEADLINE_SCORER,
-        "chance": chance_recall(txt2img),
-        "models": {},
-    }
-    arrays: dict[str, np.ndarray] = {}
-    clusters = read_image_clusters(Path(prepared_dir) / cfg.eval.split, data.n_images)
-    ranks: dict[str, np.ndarray] = {"txt2img": txt2img, "clusters": clusters}
-    last: dict[str, np.ndarray] = {}
-    for name, weights in models.items():
-        model = load_model(cfg, weights, vocab_size, device)
-        data_enc = encode_split(model, data, cfg.eval.batch_size, device)
-        itc_i2t = itc_similarity(data_enc, cfg.eval.chunk_size)
-        i2t, t2i = rerank(model, data_enc, itc_i2t, cfg.eval.k_test, cfg.eval.itm_batch_size, cfg.eval.chunk_size)
-        scores = {"i2t": i2t, "t2i": t2i, "itc_i2t": itc_i2t, "itc_t2i": np.ascontiguousarray(itc_i2t.T)}
-        entry: dict[str, Any] = {}
-        for scorer, (a, b) in {"itm": ("i2t", "t2i"), "itc": ("itc_i2t", "itc_t2i")}.items():
-            entry[scorer] = retrieval_metrics(scores[a], scores[b], txt2img, img2txt)
-            tr, ir = retrieval_ranks(scores[a], scores[b], txt2img, img2txt)
-            ranks[f"{name}_{scorer}_tr"], ranks[f"{name}_{scorer}_ir"] = tr.astype(np.int32), ir.astype(np.int32)
-        diag = itm_auc(model, data_enc, itc_i2t, txt2img, k=cfg.eval.k_test, n_queries=cfg.eval.diag_queries,
-                       itm_batch_size=cfg.eval.itm_batch_size, input_ids=data.input_ids)
-        diag.update(modality_gaps(model, data, cfg, special))
-        entry["diagnostics"] = diag
-        details["models"][name] = entry
-        for key, value in scores.items():
-            arrays[f"{name}_{key}"] = value
-        last = scores
-        del model, data_enc
-    arrays.update(last)
-    arrays["txt2img"] = txt2img
-    details["eval_seconds"] = round(time.perf_counter() - start, 1)
-
-    save_npz(out_dir / "scores.npz", **arrays)
-    save_npz(out_dir / "ranks.npz", **ranks)
-    write_json(out_dir / "details.json", details)
-    write_json(out_dir / "metrics.json", headline_metrics(details))
-    if log_mlflow:
-        for line in log_to_mlflow(cfg, details, reports_dir, cfg.eval.split):
-            print(line, flush=True)
-    return details
-
-
-def summary_line(details: Mapping[str, Any]) -> Iterable[str]:
-    for name, entry in details["models"].items():
-        itm, itc, diag = entry["itm"], entry["itc"], entry["diagnostics"]
-        gap = diag.get("text_use_gap")
-        yield (
-            f"{name}: ITM TR R@1/5/10 {itm['tr_r1']:.1f}/{itm['tr_r5']:.1f}/{itm['tr_r10']:.1f}"
-            f"  IR {itm['ir_r1']:.1f}/{itm['ir_r5']:.1f}/{itm['ir_r10']:.1f}  R mean {itm['r_mean']:.1f}"
-            f" (ITC {itc['r_mean']:.1f}); ITM AUC top-k {diag['itm_auc']:.3f} (random {diag['itm_auc_random']:.3f}), "
-            f"image-use gap "
-            f"{diag['image_use_gap']:.3f} nats" + (f", text-use gap {gap:.4f}" if gap is not None else "")
-        )

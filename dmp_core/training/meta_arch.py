@@ -26,12 +26,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from dmp_core.config import Config, ParamsError, ResolvedObjectives
-from dmp_core.training.distributed import gather_no_grad, gather_with_grad, global_max
+from dmp_core.distributed import gather_no_grad, gather_with_grad, global_max
 from dmp_core.losses.swaps import SwapTable, swap_captions
 from dmp_core.losses import (itc_loss, itm_loss, mim_loss, mlm_loss, mrm_loss, mrm_targets, resolve_objectives,
                              sample_negatives, vicreg_loss)
-from dmp_core.training.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
+from dmp_core.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
 from dmp_core.models import DMPModel
+from dmp_core.targets import mim_targets
 from dmp_core.models.heads import mlp_expander, mrm_predictor
 
 LOSS_TERMS = {"pretrain": ("itc", "itm", "mlm", "mim", "mrm", "vicreg"), "finetune": ("itc", "itm")}
@@ -286,23 +287,7 @@ class Pretrainer(nn.Module):
         kind = self.objectives.mim_target
         if kind == "momentum":
             return ema_v[:, 1:]
-        return mim_targets(self.cfg, kind, raw_images, self.model, batch.get(kind))
-
-
-def mim_targets(cfg: Config, kind: str, raw_images: torch.Tensor, model: DMPModel,
-                precomputed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """HOG or pixel MIM targets [B, N, D] of uint8 images: the precomputed ones (targets
-    stage) when given, else computed on the fly. Pixel targets without per-patch
-    normalisation are mapped into the image tower's normalised input space (SimMIM)."""
-    from dmp_core import targets
-
-    if precomputed is not None:
-        out = precomputed.to(raw_images.device).float()
-    else:
-        out = targets.compute_targets(raw_images, kind, cfg)
-    if kind == "pixel" and not cfg.targets.pixel.norm_per_patch:
-        out = targets.normalise_pixel_targets(out, model.pixel_mean, model.pixel_std)
-    return out
+        return mim_targets(self.cfg, kind, raw_images, self.model.pixel_mean, self.model.pixel_std, batch.get(kind))
 
 
 def create_pretrainer(cfg: Config, stage: str, model: DMPModel, *, special: Optional[SpecialTokens] = None,
