@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -18,9 +18,16 @@ def report_cmd(
     prepared: Annotated[Path, typer.Option(help="prepared data folder (gallery images and captions)")] = Path("data/prepared"),
     num: Annotated[int, typer.Option(help="commits whose experiments are read (-1: all)")] = -1,
     experiments: Annotated[bool, typer.Option(help="read DVC experiments (off: workspace and HEAD only)")] = True,
+    export_runs: Annotated[Optional[Path], typer.Option(help="also copy every experiment's metrics, ranks and "
+                                                        "histories to DIR/<name>/ (orchestration/export.py)")] = None,
 ) -> None:
     """Write reports/results.md and reports/figures/*.png (tables, intervals, verdict, curves, gallery)."""
     write_report(load(params), reports, prepared, params_path=params, num=num, experiments=experiments)
+    if export_runs is not None:
+        from orchestration.export import export_experiments
+
+        names = export_experiments(export_runs, num=num)
+        print(f"report: exported {len(names)} experiments to {export_runs}/: {', '.join(names) or '-'}")
 
 
 def register(app: typer.Typer) -> None:

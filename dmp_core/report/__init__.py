@@ -1,0 +1,75 @@
+"""The research report: ``reports/results.md`` and ``reports/figures/*.png``.
+
+Everything arrives as plain data, so this package knows nothing about DVC, git or MLflow
+(``orchestration/runs.py`` gathers it):
+
+- :class:`Run`: one finished run of the pipeline (the workspace, the HEAD commit or a DVC
+  experiment) with its resolved params and the files its stages wrote:
+  ``reports/evaluate/details.json`` (every recall, diagnostics, split), ``ranks.npz``
+  (per-query ranks, for the bootstrap and the chance level), ``metrics.json`` (used only
+  when details.json is missing) and ``reports/<stage>/metrics.json`` (steps, epochs).
+- the *baseline*: the resolved params of the HEAD commit. Every row is labelled by its
+  difference from it (``mamo``, ``denoising (vicreg=false)``); only a run with exactly
+  the baseline's params is called "baseline".
+- histories (run name -> pretraining loss terms per step) and the retrieval gallery.
+
+Runs that differ only in ``seed`` form one group (mean ± std over seeds). Groups that
+differ in exactly one setting are compared with a paired bootstrap over the test split's
+independent units (:mod:`dmp_core.stats`): binding groups where ranks.npz has
+``clusters`` that join images (the synthetic set), else images. Groups with >= 2 seeds in
+common also get the Student t interval of the mean per-seed difference. The verdict
+speaks of *recipes* only with >= 3 seeds on each side (and resting on that across-seed
+interval); otherwise of "these two checkpoints" or "these N-seed runs". Every number in
+the report comes from these inputs.
+
+Modules, each importing only those above it:
+
+- ``runs``: params canonicalised and labelled by their difference from the baseline,
+  :class:`Run`, merged duplicates, seed groups (:class:`Group`), the stale warnings;
+- ``tables``: number and markdown formatting, the main, diagnostics, data-scaling and
+  provenance tables;
+- ``verdict``: the paired bootstrap comparisons, the tests against chance, their tables
+  and the verdict paragraph;
+- ``figures``: the loss, scaling and ablation plots (matplotlib);
+- ``gallery``: the retrieval gallery (:class:`GalleryData`, :func:`load_gallery`);
+- ``build``: :func:`build_report`, the one entry point, which writes results.md.
+
+This package re-exports the names that ``orchestration`` and the tests import from it.
+"""
+from __future__ import annotations
+
+from dmp_core.report.build import build_report
+from dmp_core.report.figures import loss_columns
+from dmp_core.report.gallery import GalleryData, gallery_caption, load_gallery
+from dmp_core.report.runs import (
+    Run,
+    canonical_params,
+    group_runs,
+    merge_duplicates,
+    metrics_to_models,
+    param_diff,
+    resolve_params,
+    stale_warnings,
+)
+from dmp_core.report.tables import main_table, scaling_policy, scaling_table
+from dmp_core.report.verdict import BOOTSTRAP_SEED
+
+__all__ = [
+    "BOOTSTRAP_SEED",
+    "GalleryData",
+    "Run",
+    "build_report",
+    "canonical_params",
+    "gallery_caption",
+    "group_runs",
+    "load_gallery",
+    "loss_columns",
+    "main_table",
+    "merge_duplicates",
+    "metrics_to_models",
+    "param_diff",
+    "resolve_params",
+    "scaling_policy",
+    "scaling_table",
+    "stale_warnings",
+]
