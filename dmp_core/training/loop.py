@@ -1,12 +1,19 @@
 """The one training loop, for both stages (``pretrain`` and ``finetune``).
 
-Read top to bottom: set up (distributed, seeds, model, data, optimiser, schedule),
-resume from the last checkpoint if there is one, then loop over optimiser steps:
-forward (the Pretrainer returns the weighted total and every term), backward, clip,
-step, EMA update, log; every ``val_every`` steps (0 = each epoch end) measure ITC
-recall on the val split and keep the best weights; checkpoint every
-``checkpoint_every`` steps. At the end write ``<out_dir>/model.safetensors`` (the best
-val weights) and ``<reports_dir>/{history.csv, metrics.json, run.json}``.
+:func:`run_training` reads top to bottom as phases, plain functions of the run (a
+:class:`TrainRun`: what set-up built) and of its :class:`TrainState` (step, history rows,
+best val, timers):
+
+- ``_set_up``: processes, model and Pretrainer, data, optimiser, schedule, checkpointer;
+- ``_resume``: weights, optimiser, schedule and state from the last checkpoint if there
+  is one (a complete one only has its outputs rewritten: ``_rewrite_finished``);
+- ``_start``: DDP, autocast, progress, the MLflow run (``run.json``), the step RNGs;
+- ``_train``: optimiser steps (``_train_step``: forward under autocast, backward, clip,
+  step, temperature clamp, EMA update; ``_log_step``: the history row); every
+  ``val_every`` steps (0 = each epoch end) ``_validate`` measures ITC recall on the val
+  split and keeps the best weights; ``_save_checkpoint`` every ``checkpoint_every`` steps;
+- ``_finish``: ``<out_dir>/model.safetensors`` (the best val weights),
+  ``<reports_dir>/{history.csv, val_history.csv, metrics.json}``, MLflow; ``_close``.
 
 Determinism and resume: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)``; a resumed run skips the batches already consumed and restores every RNG
@@ -28,8 +35,9 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -38,7 +46,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from dmp_core.training.checkpoint import Checkpointer, make_fingerprint, run_params
+from dmp_core.training.checkpoint import Checkpointer, Resume, make_fingerprint, run_params
 from dmp_core.config import Config, TrainParams, preset_spec
 from dmp_core.errors import DataError, TrainingError
 from dmp_core.io import atomic_path, write_json
@@ -268,6 +276,100 @@ def _first_bad_term(values: dict[str, float]) -> Optional[str]:
     return "loss" if not math.isfinite(values["loss"]) else None
 
 
+# ============================================================== the run and its state
+@dataclass
+class TrainRun:
+    """What set-up builds for one stage run, shared by the phases; ``net``, ``autocast``,
+    ``bar`` and ``tracker`` are filled in by :func:`_start` (after resume)."""
+
+    cfg: Config
+    stage: str
+    train: TrainParams
+    ddp: DistInfo
+    log: Callable[[str], None]  # "[stage] ..." lines on stderr, rank 0 only
+    out_dir: Path
+    reports_dir: Path
+    pretrainer: Any  # the stage's Pretrainer: the DMPModel, the losses, the EMA
+    net: torch.nn.Module  # what the step calls: the pretrainer, DDP-wrapped when distributed
+    n_train: int
+    sampler: EpochBatchSampler
+    loader: DataLoader
+    val_split: Any  # the val RetrievalSplit on rank 0, None elsewhere
+    total_steps: int
+    val_every: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ckpt: Checkpointer
+    autocast: Any = None
+    bar: Any = None  # tqdm, when asked for
+    tracker: Any = None  # MLflow Tracker on rank 0, NullTracker elsewhere
+
+    @property
+    def main(self) -> bool:
+        return self.ddp.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.ddp.device
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    @property
+    def batch_pairs(self) -> int:
+        return self.train.batch_size * self.ddp.world_size
+
+
+@dataclass
+class TrainState:
+    """What the loop changes as it runs. Checkpoints save the step, the rows, the best val
+    and the time and memory so far; :meth:`from_checkpoint` restores them.
+
+    ``epoch``: the epoch of the current step; ``elapsed_before``/``peak_before``: wall time
+    and peak memory of this run's earlier (killed) invocations; ``t_start``: when this one
+    started training; ``t_last``: when the current step started; ``pairs_seen`` and
+    ``train_time``: pairs and step seconds of this invocation (validation, checkpoints and
+    logging excluded)."""
+
+    step: int = 0
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    val_history: list[dict] = field(default_factory=list)
+    best_step: Optional[int] = None
+    best_r_mean: float = -math.inf
+    run_id: Optional[str] = None
+    elapsed_before: float = 0.0
+    peak_before: float = 0.0
+    t_start: float = 0.0
+    t_last: float = 0.0
+    pairs_seen: int = 0
+    train_time: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, resume: Resume) -> TrainState:
+        st = resume.state
+        return cls(step=resume.step, history=st["history"], val_history=st["val_history"],
+                   best_step=st["best"]["step"], best_r_mean=st["best"]["r_mean"], run_id=resume.run_id,
+                   elapsed_before=st["elapsed_s"], peak_before=st["peak_rss_mb"])
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """As checkpoints store it."""
+        return {"step": self.best_step, "r_mean": self.best_r_mean}
+
+    def elapsed(self) -> float:
+        """Wall time of the run so far, earlier invocations included."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def pairs_per_s(self) -> float:
+        return self.pairs_seen / max(self.train_time, 1e-9)
+
+    def peak_rss(self) -> float:
+        """The training processes' peak memory, earlier invocations included."""
+        return max(peak_rss_mb(), self.peak_before)
+
+
 # ============================================================== the loop
 @contextmanager
 def deterministic_on_cpu() -> Iterator[None]:
@@ -309,240 +411,313 @@ def run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_d
 def _run_training(cfg: Config, stage: str, *, prepared_dir: str | Path, targets_dir: str | Path | None,
                   out_dir: str | Path, reports_dir: str | Path, init_weights: str | Path | None,
                   upstream_run: str | Path | None, progress: Optional[bool]) -> dict[str, Any]:
-    from dmp_core.training.dataset import PairDataset, read_meta
+    """The phases, in order: set up, resume, start, train, finish (rank 0 writes), close."""
+    run = _set_up(cfg, stage, prepared_dir, targets_dir, out_dir, reports_dir, init_weights)
+    state, resume = _resume(run)
+    if resume is not None and resume.done:
+        return _rewrite_finished(run, state, resume)
+    _start(run, state, resume, upstream_run=upstream_run, progress=progress)
+    status = "FAILED"
+    try:
+        _train(run, state)
+        metrics = _finish(run, state)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        _close(run, status)
+    return metrics
+
+
+# ---------------------------------------------------------------- set up
+def _set_up(cfg: Config, stage: str, prepared_dir: str | Path, targets_dir: str | Path | None,
+            out_dir: str | Path, reports_dir: str | Path, init_weights: str | Path | None) -> TrainRun:
+    """Config, processes, model and Pretrainer, data, optimiser and schedule, checkpointer."""
     from dmp_core.evaluation.retrieval import RetrievalSplit
-    from dmp_core.training.meta_arch import create_pretrainer
-    from dmp_core.models import load_weights, model_from_config
-    from dmp_core.tracking import NullTracker, Tracker, close_orphan_run, read_run_json, write_run_json
 
     train = train_params(cfg, stage)
     prepared_dir, out_dir, reports_dir = Path(prepared_dir), Path(out_dir), Path(reports_dir)
-    ddp_info = DistInfo()
-    device, main = ddp_info.device, ddp_info.is_main
+    ddp = DistInfo()
     # tqdm.write keeps log lines from breaking a progress bar (and is a plain print without one)
-    log = (lambda msg: tqdm.write(f"[{stage}] {msg}", file=sys.stderr)) if main else (lambda msg: None)
+    log = (lambda msg: tqdm.write(f"[{stage}] {msg}", file=sys.stderr)) if ddp.is_main else (lambda msg: None)
+    pretrainer = _build_pretrainer(cfg, stage, prepared_dir, init_weights, ddp)
+    dataset, sampler, loader = _build_data(cfg, stage, train, prepared_dir, targets_dir, ddp)
+    val_split = RetrievalSplit.from_prepared(prepared_dir, "val") if ddp.is_main else None
 
-    # ---------------------------------------------------------------- model
+    # `steps`: that many optimiser steps whatever the data size (epochs repeat as needed);
+    # `epochs`: full passes (the incomplete last batch of each epoch is dropped)
+    total_steps = train.steps if train.steps is not None else train.epochs * sampler.steps_per_epoch
+    optimizer = build_optimizer(pretrainer, train)
+    scheduler = build_scheduler(optimizer, train, total_steps=total_steps)
+    ckpt = Checkpointer(out_dir / "checkpoints",
+                        make_fingerprint(cfg, stage, n_train=len(dataset), world_size=ddp.world_size,
+                                         init_weights=init_weights),
+                        run_params(cfg, stage))
+    return TrainRun(cfg=cfg, stage=stage, train=train, ddp=ddp, log=log, out_dir=out_dir, reports_dir=reports_dir,
+                    pretrainer=pretrainer, net=pretrainer, n_train=len(dataset), sampler=sampler, loader=loader,
+                    val_split=val_split, total_steps=total_steps,
+                    val_every=train.val_every or sampler.steps_per_epoch,
+                    optimizer=optimizer, scheduler=scheduler, ckpt=ckpt)
+
+
+def _build_pretrainer(cfg: Config, stage: str, prepared_dir: Path, init_weights: str | Path | None,
+                      ddp: DistInfo) -> torch.nn.Module:
+    """The DMPModel (from ``init_weights`` when given) inside the stage's Pretrainer, on the device."""
+    from dmp_core.models import load_weights, model_from_config
+    from dmp_core.training.dataset import read_meta
+    from dmp_core.training.meta_arch import create_pretrainer
+
     seed_everything(cfg.seed)  # identical initial weights on every rank
     meta = read_meta(prepared_dir)
     # with init_weights the pretrained towers would be overwritten anyway: skip loading them
     model = model_from_config(cfg, int(meta["vocab_size"]), pretrained=False if init_weights is not None else None)
     if init_weights is not None:
         load_weights(model, init_weights, missing_hint="run the pretrain stage first")
-    pretrainer = create_pretrainer(cfg, stage, model, meta=meta, world_size=ddp_info.world_size).to(device)
+    return create_pretrainer(cfg, stage, model, meta=meta, world_size=ddp.world_size).to(ddp.device)
 
-    # ---------------------------------------------------------------- data
+
+def _build_data(cfg: Config, stage: str, train: TrainParams, prepared_dir: Path, targets_dir: str | Path | None,
+                ddp: DistInfo) -> tuple[Dataset, EpochBatchSampler, DataLoader]:
+    """The train split, its resumable sampler (this rank's slice of each global batch), the loader."""
+    from dmp_core.training.dataset import PairDataset
+
     dataset = PairDataset(prepared_dir, "train", targets_dir=targets_dir, target_kinds=target_kinds(cfg, stage),
                           captions=train.captions, seed=cfg.seed)
-    sampler = EpochBatchSampler(len(dataset), train.batch_size, seed=cfg.seed, rank=ddp_info.rank,
-                                world_size=ddp_info.world_size)
+    sampler = EpochBatchSampler(len(dataset), train.batch_size, seed=cfg.seed, rank=ddp.rank,
+                                world_size=ddp.world_size)
     if sampler.steps_per_epoch == 0:
         raise DataError(f"{prepared_dir / 'train'}: {len(dataset)} training pairs, fewer than one batch of "
-                        f"{stage}.batch_size={train.batch_size} x {ddp_info.world_size} process(es)")
+                        f"{stage}.batch_size={train.batch_size} x {ddp.world_size} process(es)")
     workers = train.num_workers
     loader = DataLoader(EpochItems(dataset), batch_sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0, pin_memory=ddp.device.type == "cuda",
                         worker_init_fn=_seed_worker if workers > 0 else None,
                         generator=torch.Generator().manual_seed(cfg.seed),
                         prefetch_factor=4 if workers > 0 else None)
-    val_split = RetrievalSplit.from_prepared(prepared_dir, "val") if main else None
+    return dataset, sampler, loader
 
-    steps_per_epoch = sampler.steps_per_epoch
-    # `steps`: that many optimiser steps whatever the data size (epochs repeat as needed);
-    # `epochs`: full passes (the incomplete last batch of each epoch is dropped)
-    total_steps = train.steps if train.steps is not None else train.epochs * steps_per_epoch
-    val_every = train.val_every or steps_per_epoch
 
-    # ---------------------------------------------------------------- optimiser
-    optimizer = build_optimizer(pretrainer, train)
-    scheduler = build_scheduler(optimizer, train, total_steps=total_steps)
+# ---------------------------------------------------------------- resume
+def _resume(run: TrainRun) -> tuple[TrainState, Optional[Resume]]:
+    """Weights, optimiser, schedule and TrainState from the checkpoint folder, or a fresh state.
 
-    # ---------------------------------------------------------------- resume
-    ckpt = Checkpointer(out_dir / "checkpoints",
-                        make_fingerprint(cfg, stage, n_train=len(dataset), world_size=ddp_info.world_size,
-                                         init_weights=init_weights),
-                        run_params(cfg, stage))
+    The RNG states are restored last, by :func:`_start`."""
+    from dmp_core.tracking import close_orphan_run
+
     # a run killed before its first checkpoint left its MLflow run RUNNING: end it as KILLED
     # (its id is kept in the checkpoints folder, which DVC does not delete between runs)
-    run_record = ckpt.folder / "run.json"
-    if main and not ckpt.latest_path.is_file() and run_record.is_file():
-        message = close_orphan_run(run_record, cfg)
+    run_record = run.ckpt.folder / "run.json"
+    if run.main and not run.ckpt.latest_path.is_file() and run_record.is_file():
+        message = close_orphan_run(run_record, run.cfg)
         if message:
-            log(message)
-    resume = ckpt.load(pretrainer)
-    step, history, val_history = 0, [], []
-    best = {"step": None, "r_mean": -math.inf}
-    elapsed_before, run_id, peak_before = 0.0, None, 0.0
-    if resume is not None:
-        st = resume.state
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        step, history, val_history, best = resume.step, st["history"], st["val_history"], st["best"]
-        elapsed_before, run_id = st["elapsed_s"], resume.run_id
-        peak_before = st["peak_rss_mb"]
-        if resume.done:
-            log(f"{ckpt.latest_path} says this run is complete (step {step}); rewriting outputs")
-            if main:
-                _write_outputs(ckpt, stage, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
-                               st["pairs_per_s"], elapsed_before, st["peak_rss_mb"])
-                write_json(reports_dir / "run.json", st["run_info"])
-            ddp_info.barrier()
-            ddp_info.close()
-            return json.loads((reports_dir / "metrics.json").read_text()) if main else {}
-        log(f"resuming from {ckpt.latest_path} at step {step}/{total_steps}")
+            run.log(message)
+    resume = run.ckpt.load(run.pretrainer)
+    if resume is None:
+        return TrainState(), None
+    run.optimizer.load_state_dict(resume.state["optimizer"])
+    run.scheduler.load_state_dict(resume.state["scheduler"])
+    state = TrainState.from_checkpoint(resume)
+    if not resume.done:
+        run.log(f"resuming from {run.ckpt.latest_path} at step {state.step}/{run.total_steps}")
+    return state, resume
 
-    net: torch.nn.Module = pretrainer
-    if ddp_info.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            pretrainer, device_ids=[device.index] if device.type == "cuda" else None,
+
+def _rewrite_finished(run: TrainRun, state: TrainState, resume: Resume) -> dict[str, Any]:
+    """A complete checkpoint: write the outputs again from it, without training or tracking."""
+    run.log(f"{run.ckpt.latest_path} says this run is complete (step {state.step}); rewriting outputs")
+    if run.main:
+        _write_outputs(run, state, resume.state["pairs_per_s"], state.elapsed_before, state.peak_before)
+        write_json(run.reports_dir / "run.json", resume.state["run_info"])
+    run.ddp.barrier()
+    run.ddp.close()
+    return json.loads((run.reports_dir / "metrics.json").read_text()) if run.main else {}
+
+
+# ---------------------------------------------------------------- start
+def _start(run: TrainRun, state: TrainState, resume: Optional[Resume], *, upstream_run: str | Path | None,
+           progress: Optional[bool]) -> None:
+    """DDP wrap, autocast, progress bar and header line, the MLflow run, then the step RNGs."""
+    from dmp_core.tracking import NullTracker, Tracker, read_run_json, write_run_json
+
+    if run.ddp.world_size > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            run.pretrainer, device_ids=[run.device.index] if run.device.type == "cuda" else None,
             find_unused_parameters=True)  # finetune leaves the MLM head unused
-
-    autocast = amp_context(train.amp, device, cfg.model.preset)
-    batch_pairs = train.batch_size * ddp_info.world_size
+    run.autocast = amp_context(run.train.amp, run.device, run.cfg.model.preset)
     use_bar = progress if progress is not None else sys.stderr.isatty()
-    bar = None
-    if main and use_bar:
-        bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
-    log(f"{len(dataset)} pairs, {steps_per_epoch} steps/epoch, {total_steps} steps "
-        f"({total_steps / steps_per_epoch:.2f} epochs) of {batch_pairs} pairs on {device} "
-        f"({'bf16 autocast' if use_bf16(train.amp, device, cfg.model.preset) else 'fp32'}) "
-        f"(world size {ddp_info.world_size})")
+    if run.main and use_bar:
+        run.bar = tqdm(total=run.total_steps, initial=state.step, desc=run.stage, unit="step", dynamic_ncols=True)
+    run.log(f"{run.n_train} pairs, {run.steps_per_epoch} steps/epoch, {run.total_steps} steps "
+            f"({run.total_steps / run.steps_per_epoch:.2f} epochs) of {run.batch_pairs} pairs on {run.device} "
+            f"({'bf16 autocast' if use_bf16(run.train.amp, run.device, run.cfg.model.preset) else 'fp32'}) "
+            f"(world size {run.ddp.world_size})")
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t_start
+    upstream = read_run_json(upstream_run) if upstream_run else None
+    run.tracker = NullTracker()
+    if run.main:
+        run.tracker = Tracker(run.cfg, run.stage, run_id=state.run_id,
+                              upstream_run_id=(upstream or {}).get("run_id"))
+        write_run_json(run.reports_dir, run.tracker, stage=run.stage)
+        write_run_json(run.ckpt.folder, run.tracker, stage=run.stage)  # for close_orphan_run after a kill
 
-    def save_checkpoint(done: bool, wall_time: Optional[float] = None, peak: Optional[float] = None) -> None:
-        rng = [rng_state()]
-        if ddp_info.world_size > 1:
-            rng = [None] * ddp_info.world_size
-            dist.all_gather_object(rng, rng_state())
-        if main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-                     "history": history, "val_history": val_history, "best": best,
-                     "run_info": {**tracker.run_info(), "stage": stage},
-                     "elapsed_s": elapsed() if wall_time is None else wall_time,
-                     "pairs_per_s": pairs_seen / max(train_time, 1e-9),
-                     # the training processes' peak, kept so that rewritten outputs report it
-                     "peak_rss_mb": max(peak_rss_mb(), peak_before) if peak is None else peak,
-                     "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch}
-            ckpt.save(pretrainer, state, step=step, done=done, run_id=tracker.run_id, best_step=best["step"])
-        ddp_info.barrier()
+    state.t_start = time.perf_counter()
+    if resume is None:
+        seed_everything(run.cfg.seed + run.ddp.rank)  # masking and ITM sampling differ per rank
+    else:
+        set_rng_state(resume.state["rng"][run.ddp.rank])  # exactly where the checkpoint left off
 
-    def validate() -> None:
-        if main:
-            recall = val_recall(pretrainer.model, val_split, cfg.eval.batch_size, device, autocast,
-                                k=cfg.eval.k_test, auc_queries=min(cfg.eval.diag_queries, 100),
-                                gap_pairs=min(cfg.eval.diag_pairs, 128),
-                                mask_ratio=cfg.eval.gap_text_mask_ratio, special=pretrainer.special)
-            val_history.append({"step": step, **recall})
-            tracker.log_metrics({f"val_{k}": v for k, v in recall.items()}, step)
-            improved = recall["r_mean"] > best["r_mean"]
-            if improved:
-                best.update(step=step, r_mean=recall["r_mean"])
-                ckpt.save_best(pretrainer.model)
-            log(f"step {step}: val r_mean {recall['r_mean']:.2f} (tr {recall['tr_mean']:.2f}, "
+
+# ---------------------------------------------------------------- train
+def _train(run: TrainRun, state: TrainState) -> None:
+    """Optimiser steps until ``total_steps``; after each: log, maybe validate, maybe checkpoint."""
+    run.pretrainer.train()
+    while state.step < run.total_steps:
+        state.epoch, start_batch = divmod(state.step, run.steps_per_epoch)
+        run.sampler.set_position(state.epoch, start_batch)
+        state.t_last = time.perf_counter()
+        for batch in run.loader:
+            terms, ema_decay = _train_step(run, state, batch)
+            _log_step(run, state, terms, ema_decay)
+            validated = state.step % run.val_every == 0 or state.step == run.total_steps
+            if validated:
+                _validate(run, state)
+            if state.step == run.total_steps:
+                break
+            if validated or state.step % run.train.checkpoint_every == 0:
+                _save_checkpoint(run, state, done=False)
+            state.t_last = time.perf_counter()
+
+
+def _train_step(run: TrainRun, state: TrainState, batch: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, float], Optional[float]]:
+    """Schedule, forward under autocast (the Pretrainer returns the weighted total and every
+    term), backward, clip, the finite check, optimiser step, temperature clamp, EMA update.
+    Returns the loss/diagnostic values and the EMA decay."""
+    batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+    run.scheduler.step_update(state.step)
+    run.pretrainer.progress = state.step / run.total_steps
+    with run.autocast:
+        out = run.net(batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if run.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.pretrainer.parameters(), run.train.grad_clip)
+
+    # one sync per step: the values are logged anyway; a non-finite term stops the run
+    names = [k for k in out if k == "loss" or k.startswith(("loss_", "diag_"))]
+    terms = dict(zip(names, torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist()))
+    _stop_if_not_finite(run, state, terms)
+    run.optimizer.step()
+    run.pretrainer.model.clamp_temperature_()  # in place after the step (ALBEF)
+    state.step += 1
+    return terms, run.pretrainer.update_ema(state.step)
+
+
+def _stop_if_not_finite(run: TrainRun, state: TrainState, terms: dict[str, float]) -> None:
+    """TrainingError naming the first non-finite term, on every rank at once."""
+    bad = _first_bad_term(terms)
+    if run.ddp.world_size > 1:  # every rank stops together
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=run.device)
+        dist.all_reduce(flag)
+        bad = bad or ("loss (on another rank)" if flag.item() > 0 else None)
+    if bad is not None:
+        raise TrainingError(f"{run.stage}: non-finite {bad}={terms.get(bad, math.nan)} at step {state.step + 1} "
+                            f"(epoch {state.epoch}); last good checkpoint: {run.ckpt.last_checkpoint_name()}")
+
+
+def _log_step(run: TrainRun, state: TrainState, terms: dict[str, float], ema_decay: Optional[float]) -> None:
+    """The step's row: history, MLflow (flushed every ``log_every``), progress bar or log line."""
+    now = time.perf_counter()
+    state.pairs_seen += run.batch_pairs
+    state.train_time += now - state.t_last
+    row = {"step": state.step, "epoch": state.epoch, "lr": run.optimizer.param_groups[0]["lr"], **terms,
+           "temperature": float(run.pretrainer.model.temperature.detach()),
+           "pairs_per_s": run.batch_pairs / max(now - state.t_last, 1e-9)}
+    if ema_decay is not None:
+        row["ema_decay"] = ema_decay
+    state.history.append(row)
+    run.tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, state.step)
+    if run.bar is not None:
+        run.bar.update(1)
+        run.bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in terms.items()
+                             if k.startswith("loss")} | {"pairs/s": f"{row['pairs_per_s']:.0f}"})
+    if state.step % run.train.log_every == 0 or state.step == run.total_steps:
+        run.tracker.flush()
+        if run.bar is None:
+            loss_txt = " ".join(f"{k}={v:.4f}" for k, v in terms.items() if k.startswith("loss"))
+            run.log(f"step {state.step}/{run.total_steps} epoch {state.epoch} lr {row['lr']:.2e} {loss_txt} "
+                    f"{row['pairs_per_s']:.0f} pairs/s")
+
+
+# ---------------------------------------------------------------- validate
+def _validate(run: TrainRun, state: TrainState) -> None:
+    """Rank 0: val recall (and ITM/image-use diagnostics), a val row, MLflow, the best weights
+    when ``r_mean`` improves. Then every rank waits for it."""
+    if run.main:
+        ev = run.cfg.eval
+        recall = val_recall(run.pretrainer.model, run.val_split, ev.batch_size, run.device, run.autocast,
+                            k=ev.k_test, auc_queries=min(ev.diag_queries, 100), gap_pairs=min(ev.diag_pairs, 128),
+                            mask_ratio=ev.gap_text_mask_ratio, special=run.pretrainer.special)
+        state.val_history.append({"step": state.step, **recall})
+        run.tracker.log_metrics({f"val_{k}": v for k, v in recall.items()}, state.step)
+        improved = recall["r_mean"] > state.best_r_mean
+        if improved:
+            state.best_step, state.best_r_mean = state.step, recall["r_mean"]
+            run.ckpt.save_best(run.pretrainer.model)
+        run.log(f"step {state.step}: val r_mean {recall['r_mean']:.2f} (tr {recall['tr_mean']:.2f}, "
                 f"ir {recall['ir_mean']:.2f}), ITM AUC top-k {recall['itm_auc']:.3f} "
                 f"(random {recall['itm_auc_random']:.3f}), image-use gap "
                 f"{recall['image_use_gap']:.3f}" + (" best" if improved else ""))
-        ddp_info.barrier()
+    run.ddp.barrier()
 
-    # ---------------------------------------------------------------- tracking
-    upstream = read_run_json(upstream_run) if upstream_run else None
-    tracker = NullTracker()
-    if main:
-        tracker = Tracker(cfg, stage, run_id=run_id, upstream_run_id=(upstream or {}).get("run_id"))
-        write_run_json(reports_dir, tracker, stage=stage)
-        write_run_json(run_record.parent, tracker, stage=stage)  # for close_orphan_run after a kill
 
-    # ---------------------------------------------------------------- train
-    t_start = time.perf_counter()
-    pairs_seen, train_time = 0, 0.0
-    status = "FAILED"
-    if resume is None:
-        seed_everything(cfg.seed + ddp_info.rank)  # masking and ITM sampling differ per rank
-    else:
-        set_rng_state(resume.state["rng"][ddp_info.rank])  # exactly where the checkpoint left off
-    try:
-        pretrainer.train()
-        while step < total_steps:
-            epoch, start_batch = divmod(step, steps_per_epoch)
-            sampler.set_position(epoch, start_batch)
-            t_last = time.perf_counter()
-            for batch in loader:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                scheduler.step_update(step)
-                pretrainer.progress = step / total_steps
-                with autocast:
-                    out = net(batch)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), train.grad_clip)
+# ---------------------------------------------------------------- checkpoint
+def _save_checkpoint(run: TrainRun, state: TrainState, done: bool, wall_time: Optional[float] = None,
+                     peak: Optional[float] = None) -> None:
+    """Every rank's RNG state gathered; rank 0 writes the step atomically (``Checkpointer.save``:
+    step files first, ``latest.json`` last); then every rank waits for it."""
+    rng = [rng_state()]
+    if run.ddp.world_size > 1:
+        rng = [None] * run.ddp.world_size
+        dist.all_gather_object(rng, rng_state())
+    if run.main:
+        resume_state = {
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng,
+            "history": state.history, "val_history": state.val_history, "best": state.best,
+            "run_info": {**run.tracker.run_info(), "stage": run.stage},
+            "elapsed_s": state.elapsed() if wall_time is None else wall_time,
+            "pairs_per_s": state.pairs_per_s(),
+            # the training processes' peak, kept so that rewritten outputs report it
+            "peak_rss_mb": state.peak_rss() if peak is None else peak,
+            "epoch": state.step // run.steps_per_epoch, "batch_in_epoch": state.step % run.steps_per_epoch}
+        run.ckpt.save(run.pretrainer, resume_state, step=state.step, done=done, run_id=run.tracker.run_id,
+                      best_step=state.best_step)
+    run.ddp.barrier()
 
-                # one sync per step: the values are logged anyway; a non-finite term stops the run
-                names = [k for k in out if k == "loss" or k.startswith(("loss_", "diag_"))]
-                terms = dict(zip(names, torch.stack([out[k].detach().float().reshape(()) for k in names]).tolist()))
-                bad = _first_bad_term(terms)
-                if ddp_info.world_size > 1:  # every rank stops together
-                    flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
-                    dist.all_reduce(flag)
-                    bad = bad or ("loss (on another rank)" if flag.item() > 0 else None)
-                if bad is not None:
-                    raise TrainingError(f"{stage}: non-finite {bad}={terms.get(bad, math.nan)} at step {step + 1} "
-                                        f"(epoch {epoch}); last good checkpoint: {ckpt.last_checkpoint_name()}")
-                optimizer.step()
-                pretrainer.model.clamp_temperature_()  # in place after the step (ALBEF)
-                step += 1
-                ema_decay = pretrainer.update_ema(step)
 
-                now = time.perf_counter()
-                pairs_seen += batch_pairs
-                train_time += now - t_last
-                row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **terms,
-                       "temperature": float(pretrainer.model.temperature.detach()),
-                       "pairs_per_s": batch_pairs / max(now - t_last, 1e-9)}
-                if ema_decay is not None:
-                    row["ema_decay"] = ema_decay
-                history.append(row)
-                tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in terms.items()
-                                     if k.startswith("loss")} | {"pairs/s": f"{row['pairs_per_s']:.0f}"})
-                if step % train.log_every == 0 or step == total_steps:
-                    tracker.flush()
-                    if bar is None:
-                        loss_txt = " ".join(f"{k}={v:.4f}" for k, v in terms.items() if k.startswith("loss"))
-                        log(f"step {step}/{total_steps} epoch {epoch} lr {row['lr']:.2e} {loss_txt} "
-                            f"{row['pairs_per_s']:.0f} pairs/s")
+# ---------------------------------------------------------------- outputs
+def _finish(run: TrainRun, state: TrainState) -> dict[str, Any]:
+    """The final (``done``) checkpoint; on rank 0 the outputs, their final metrics and artifacts
+    in MLflow. Returns the metrics (``{}`` on other ranks)."""
+    wall_time, peak = state.elapsed(), state.peak_rss()
+    _save_checkpoint(run, state, done=True, wall_time=wall_time, peak=peak)
+    if not run.main:
+        return {}
+    metrics = _write_outputs(run, state, state.pairs_per_s(), wall_time, peak)
+    run.tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            state.step)
+    run.tracker.log_artifact(run.out_dir / "model.safetensors", "model")
+    run.tracker.log_artifact(run.reports_dir / "metrics.json", "reports")
+    return metrics
 
-                validated = step % val_every == 0 or step == total_steps
-                if validated:
-                    validate()
-                if step == total_steps:
-                    break
-                if validated or step % train.checkpoint_every == 0:
-                    save_checkpoint(done=False)
-                t_last = time.perf_counter()
 
-        wall_time, peak = elapsed(), max(peak_rss_mb(), peak_before)
-        save_checkpoint(done=True, wall_time=wall_time, peak=peak)
-        if main:
-            metrics = _write_outputs(ckpt, stage, out_dir, reports_dir, history, val_history, best, step, steps_per_epoch,
-                                     pairs_seen / max(train_time, 1e-9), wall_time, peak)
-            tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
-            tracker.log_artifact(out_dir / "model.safetensors", "model")
-            tracker.log_artifact(reports_dir / "metrics.json", "reports")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        tracker.end(status)
-        ddp_info.close()
-    return metrics if main else {}
+def _close(run: TrainRun, status: str) -> None:
+    """Whatever happened: close the bar, end the MLflow run with ``status``, leave the group."""
+    if run.bar is not None:
+        run.bar.close()
+    run.tracker.end(status)
+    run.ddp.close()
 
 
 def history_frame(history: list[dict], stage: str) -> pd.DataFrame:
@@ -558,25 +733,25 @@ def history_frame(history: list[dict], stage: str) -> pd.DataFrame:
     return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
 
 
-def _write_outputs(ckpt: Checkpointer, stage: str, out_dir: Path, reports_dir: Path, history: list[dict],
-                   val_history: list[dict], best: dict, step: int, steps_per_epoch: int, pairs_per_s: float,
-                   wall_time: float, peak_rss: float) -> dict[str, Any]:
+def _write_outputs(run: TrainRun, state: TrainState, pairs_per_s: float, wall_time: float,
+                   peak_rss: float) -> dict[str, Any]:
     """``model.safetensors`` (best val weights), ``history.csv``, ``val_history.csv``, ``metrics.json``."""
+    out_dir, reports_dir = run.out_dir, run.reports_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        shutil.copyfile(ckpt.best_path, tmp)
+        shutil.copyfile(run.ckpt.best_path, tmp)
     reports_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(reports_dir / "history.csv") as tmp:
-        history_frame(history, stage).to_csv(tmp, index=False)
+        history_frame(state.history, run.stage).to_csv(tmp, index=False)
     with atomic_path(reports_dir / "val_history.csv") as tmp:
-        pd.DataFrame(val_history).to_csv(tmp, index=False)
-    final_val = val_history[-1]
-    best_val = next(v for v in val_history if v["step"] == best["step"])
-    last = history[-1]
+        pd.DataFrame(state.val_history).to_csv(tmp, index=False)
+    final_val = state.val_history[-1]
+    best_val = next(v for v in state.val_history if v["step"] == state.best_step)
+    last = state.history[-1]
     metrics: dict[str, Any] = {
-        "steps": step,
-        "epochs": step / steps_per_epoch,
-        "best_step": best["step"],
+        "steps": state.step,
+        "epochs": state.step / run.steps_per_epoch,
+        "best_step": state.best_step,
         "val_r_mean_best": best_val["r_mean"],
         "val_r_mean_final": final_val["r_mean"],
         "val_best": {k: v for k, v in best_val.items() if k != "step"},
