@@ -601,3 +601,13 @@ def test_the_frozen_tower_baseline_is_compared_with_both_variants(tmp_path) -> N
                           ("MAMO − frozen towers", "MAMO is better")):
         assert title in verdict and better in verdict, title
     assert "frozen towers − " not in verdict and "MAMO − denoising" not in verdict
+    # frozen trains no MLM: its image-use gap (an MLM loss difference through an untrained head) is
+    # neither shown nor flagged; the other variants keep theirs
+    assert runs[2].diagnostics("finetune").keys() == {"itm_auc", "text_use_gap"}
+    assert "image_use_gap" in runs[1].diagnostics("finetune")
+    low = [_run(n, q, diag={"itm_auc": 0.9, "image_use_gap": 0.0, "image_use_gap_rel": 0.0, "text_use_gap": 0.1},
+                **o, **shared) for n, q, o in (("den", 0.9, {}), ("frozen", 0.05, {"objective__variant": "frozen"}))]
+    low[0].workspace = True
+    verdict = _verdict(build_report(low, tmp_path / "low", baseline=_params(**shared), bootstrap_samples=SAMPLES).read_text())
+    assert "The fusion of den (denoising (baseline), finetuned) is not using a modality" in verdict
+    assert "The fusion of frozen" not in verdict

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dmp_core.config import Config, ParamsError, apply_dotted, config_from_dict, flatten
+from dmp_core.config import Config, ObjectiveParams, ParamsError, apply_dotted, config_from_dict, flatten
 from dmp_core.errors import DataError
 from dmp_core.stats import Ranks, canonical_clusters
 
@@ -138,6 +138,17 @@ def label_for(params: Mapping[str, Any], diff: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ runs
+def trained_mlm(params: Mapping[str, Any]) -> bool:
+    """Whether the run's pretraining had MLM (its objective switches resolved); True when
+    the params do not say (older or unreadable ones)."""
+    flat = {k.split(".", 1)[1]: v for k, v in params.items()
+            if k.startswith("objective.") and k.count(".") == 1}
+    try:  # None is "the variant's recipe" (canonical_params), as absent
+        return bool(ObjectiveParams.model_validate({k: v for k, v in flat.items() if v is not None}).resolve().mlm)
+    except ValueError:  # pydantic's ValidationError included
+        return True
+
+
 def metrics_to_models(metrics: Optional[Mapping[str, Any]]) -> dict[str, dict]:
     """reports/evaluate/metrics.json in the shape of details.json's ``models``.
 
@@ -209,7 +220,13 @@ class Run:
         return float(value) if isinstance(value, (int, float)) else None
 
     def diagnostics(self, model: str) -> dict[str, Any]:
-        return dict(self.models.get(model, {}).get("diagnostics") or {})
+        """The model's diagnostics; without an MLM objective (``objective.variant=frozen``) the
+        image-use gap, an MLM loss difference read through an untrained MLM head, is dropped."""
+        diag = dict(self.models.get(model, {}).get("diagnostics") or {})
+        if not trained_mlm(self.params):
+            for key in [k for k in diag if k.startswith(("image_use_gap", "mlm_loss_"))]:
+                del diag[key]
+        return diag
 
     @property
     def txt2img(self) -> Optional[np.ndarray]:
