@@ -19,7 +19,7 @@ from conftest import tiny_config
 from dmp_core.evaluation.diagnostics import image_use_gap, itm_auc, text_use_gap
 from dmp_core.evaluation.retrieval import RetrievalSplit, encode_split, itc_similarity
 from dmp_core.models.fusion import JointLayout
-from dmp_core.masking import SpecialTokens
+from dmp_core.losses.masking import SpecialTokens
 
 VOCAB, SIZE, PATCH, LOGIT = 1200, 16, 8, 3.0
 N_IMAGES, CAPTIONS, LENGTH = 12, 2, 6

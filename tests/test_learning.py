@@ -24,7 +24,7 @@ from conftest import tiny_config
 from dmp_core.evaluation.diagnostics import image_use_gap, itm_auc
 from dmp_core.evaluation.retrieval import RetrievalSplit, encode_split, itc_similarity
 from dmp_core.models import create_model, load_preset, mim_dim_for
-from dmp_core.masking import SpecialTokens
+from dmp_core.losses.masking import SpecialTokens
 from dmp_core.training.meta_arch import create_pretrainer
 from dmp_core.training.schedule import build_optimizer, build_scheduler
 

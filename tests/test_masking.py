@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dmp_core.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text, stochastic_count
+from dmp_core.losses.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text, stochastic_count
 
 SPECIAL = SpecialTokens()
 

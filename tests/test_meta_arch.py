@@ -177,7 +177,7 @@ def test_mim_target_counts_only_at_masked_patches():
     base = pretrainer(batch)["loss_mim"]
     # recover the mask the step used: perturbing one patch's target changes the loss iff it was masked
     torch.manual_seed(5)
-    from dmp_core.masking import image_block_mask
+    from dmp_core.losses.masking import image_block_mask
 
     mask = image_block_mask(batch["image"].shape[0], pretrainer.model.grid_size, 0.75)
     moved = dict(batch, hog=batch["hog"].clone())

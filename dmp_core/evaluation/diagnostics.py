@@ -164,7 +164,7 @@ def image_use_gap(model: torch.nn.Module, data: RetrievalSplit, *, n_pairs: int,
                   seed: int = 0, batch_size: int = 64) -> dict[str, float]:
     """MLM loss of F(shuffled image, masked text) minus F(matching image, masked text)."""
     from dmp_core.losses import mlm_loss
-    from dmp_core.masking import IGNORE_INDEX, mask_text
+    from dmp_core.losses.masking import IGNORE_INDEX, mask_text
 
     device = next(model.parameters()).device
     images, captions, shuffled = _pairs(data, n_pairs)
@@ -198,7 +198,7 @@ def text_use_gap(model: torch.nn.Module, data: RetrievalSplit, cfg: Any, *, n_pa
     if getattr(model, "mim_head", None) is None:
         return {"text_use_gap": None, "mim_loss_matched": None, "mim_loss_shuffled": None}
     from dmp_core.losses import mim_loss
-    from dmp_core.masking import image_block_mask
+    from dmp_core.losses.masking import image_block_mask
     from dmp_core.targets import mim_targets
 
     kind = cfg.objective.resolve().mim_target

@@ -113,7 +113,7 @@ def run_evaluate(
     metrics. Returns the details dict."""
     from dmp_core.evaluation.diagnostics import itm_auc, modality_gaps
     from dmp_core.training.dataset import read_image_clusters, read_meta
-    from dmp_core.masking import SpecialTokens
+    from dmp_core.losses.masking import SpecialTokens
     from dmp_core.stats import chance_recall
 
     if not models:

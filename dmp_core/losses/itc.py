@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmp_core.distributed import gather_no_grad, gather_with_grad
+from dmp_core.losses.distributed import gather_no_grad, gather_with_grad
 
 
 def same_pair(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor,

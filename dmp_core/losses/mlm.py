@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmp_core.masking import IGNORE_INDEX
+from dmp_core.losses.masking import IGNORE_INDEX
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

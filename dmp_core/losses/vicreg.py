@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmp_core.distributed import gather_with_grad
+from dmp_core.losses.distributed import gather_with_grad
 
 
 def _variance(z: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from dmp_core.config import Config, ParamsError, ResolvedObjectives
-from dmp_core.distributed import gather_no_grad, gather_with_grad, global_max
+from dmp_core.losses.distributed import gather_no_grad, gather_with_grad, global_max
 from dmp_core.losses.swaps import SwapTable, swap_captions
 from dmp_core.losses import (itc_loss, itm_loss, mim_loss, mlm_loss, mrm_loss, mrm_targets, resolve_objectives,
                              sample_negatives, vicreg_loss)
-from dmp_core.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
+from dmp_core.losses.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
 from dmp_core.models import DMPModel
 from dmp_core.targets import mim_targets
 from dmp_core.models.heads import mlp_expander, mrm_predictor
