@@ -611,3 +611,10 @@ def test_the_frozen_tower_baseline_is_compared_with_both_variants(tmp_path) -> N
     verdict = _verdict(build_report(low, tmp_path / "low", baseline=_params(**shared), bootstrap_samples=SAMPLES).read_text())
     assert "The fusion of den (denoising (baseline), finetuned) is not using a modality" in verdict
     assert "The fusion of frozen" not in verdict
+
+
+def test_a_run_without_results_is_no_seed_of_its_method() -> None:
+    """A study clone's workspace has the baseline params but no outputs: it is noted, not counted."""
+    empty = Run(names=["workspace"], params=_params(), workspace=True)
+    groups = group_runs([empty, _run("seed-den-s0", 0.6), _run("seed-den-s1", 0.6, seed=1)], BASELINE)
+    assert [[r.name for r in g.runs] for g in groups] == [["seed-den-s0", "seed-den-s1"]]

@@ -340,9 +340,12 @@ class Group:
 
 
 def group_runs(runs: Sequence[Run], baseline: Mapping[str, Any]) -> list[Group]:
-    """Runs grouped by method, labelled by their difference from the baseline; baseline group first."""
+    """Runs grouped by method, labelled by their difference from the baseline; baseline group first.
+    A run without results (e.g. a study clone's empty workspace) joins no group: it is no seed."""
     groups: dict[tuple, Group] = {}
     for run in runs:
+        if not run.models:
+            continue
         key = method_params(run.params)
         if key not in groups:
             diff = param_diff(run.params, baseline)
