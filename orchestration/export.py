@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dmp_core.errors import DmpError
 from dmp_core.io import write_bytes
-from orchestration.runs import experiment_refs, experiment_rows, git_bytes
+from orchestration.runs import experiment_refs, experiment_rows, git_reader
 
 EXPORTED = (
     "params.yaml",
@@ -31,9 +31,9 @@ def export_experiments(out: Path, num: int = -1, cwd: Path | None = None) -> lis
         raise DmpError(f"report --export-runs: {why}")
     names = []
     for name, rev in experiment_refs(rows):
-        found = 0
+        found, read = 0, git_reader(rev, cwd)
         for path in EXPORTED:
-            data = git_bytes("show", f"{rev}:./{path}", cwd=cwd)
+            data = read(path)
             if data is not None:
                 write_bytes(out / name / path, data)
                 found += 1

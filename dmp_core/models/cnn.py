@@ -27,6 +27,7 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from dmp_core.config import ParamsError
+from dmp_core.models.vision import pixel_mask
 
 # efficientnet_pytorch -> timm names (the stem, head and classifier; blocks: _block_names)
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -153,9 +154,7 @@ class CNNTower(nn.Module):
 
     def pixel_mask(self, patch_mask: torch.Tensor) -> torch.Tensor:
         """[B, N] patch mask -> [B, 1, H, W] pixel mask."""
-        gh, gw = self.grid_size
-        grid = patch_mask.reshape(-1, 1, gh, gw).float()
-        return grid.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
+        return pixel_mask(patch_mask, self.grid_size, self.patch_size)
 
     def forward(self, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         net = self.net

@@ -24,6 +24,13 @@ def _pretrained_kwargs(source: Optional[str], local: Optional[str]) -> dict[str,
     return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
 
 
+def pixel_mask(patch_mask: torch.Tensor, grid_size: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """[B, N] row-major patch mask -> [B, 1, H, W] pixel mask (each patch a ``patch_size`` square)."""
+    gh, gw = grid_size
+    grid = patch_mask.reshape(-1, 1, gh, gw).float()
+    return grid.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+
+
 class VisionTower(nn.Module):
     """``forward(images, patch_mask=None) -> [B, 1+N, D]`` (CLS first, row-major patches).
 
@@ -82,7 +89,4 @@ class VisionTower(nn.Module):
         return vit.norm(x)
 
     def _pixel_mask(self, patch_mask: torch.Tensor) -> torch.Tensor:
-        """[B, N] patch mask -> [B, 1, H, W] pixel mask."""
-        gh, gw = self.grid_size
-        grid = patch_mask.reshape(-1, 1, gh, gw).float()
-        return grid.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
+        return pixel_mask(patch_mask, self.grid_size, self.patch_size)
