@@ -247,6 +247,8 @@ class Tracker(NullTracker):
             "dmp.data": cfg.data.name,
             **objective_tags(cfg, stage),
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "dmp.study": os.environ.get("DMP_STUDY", ""),  # set by the job runner (orchestration/jobs.py)
+            "dmp.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
             "mlflow.source.git.commit": git_commit(cwd) or "",
             "dmp.upstream_run_id": upstream_run_id or "",
@@ -307,6 +309,12 @@ class Tracker(NullTracker):
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri}
 
 
+def launch_environment() -> dict[str, str]:
+    """Where a stage ran: the host, the GPUs it was given (a queue worker's or Ray's pin), the study."""
+    return {"host": os.uname().nodename, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+            "study": os.environ.get("DMP_STUDY", "")}
+
+
 def write_run_json(reports_dir: str | Path, tracker: NullTracker, **extra: Any) -> None:
-    """``reports/<stage>/run.json``: how to find this stage's MLflow run."""
-    write_json(Path(reports_dir) / "run.json", {**tracker.run_info(), **extra})
+    """``reports/<stage>/run.json``: how to find this stage's MLflow run, and where it ran."""
+    write_json(Path(reports_dir) / "run.json", {**tracker.run_info(), "environment": launch_environment(), **extra})

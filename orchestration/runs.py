@@ -357,8 +357,11 @@ def collect(cfg, reports: Path = Path("reports"), *, params_path: Path = Path("p
 
 
 def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("data/prepared"), *,
-                 params_path: Path = Path("params.yaml"), num: int = -1, experiments: bool = True) -> Path:
-    """Collect everything and write reports/results.md (+ figures); return its path."""
+                 params_path: Path = Path("params.yaml"), num: int = -1, experiments: bool = True,
+                 notes: tuple[str, ...] = ()) -> Path:
+    """Collect everything and write reports/results.md (+ figures); return its path.
+
+    ``notes``: lines the caller adds to the report's notes (a study's completeness)."""
     from dmp_core.report import build_report, load_gallery
 
     inputs = collect(cfg, reports, params_path=params_path, num=num, use_dvc=experiments)
@@ -372,7 +375,7 @@ def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("da
                         warnings=inputs.warnings, histories=inputs.histories, gallery=gallery, no_gallery=no_gallery,
                         gallery_queries=cfg.report.gallery_queries,
                         include_seed_numbers=cfg.report.include_seed_numbers,
-                        bootstrap_samples=cfg.report.bootstrap_samples, notes=inputs.notes)
+                        bootstrap_samples=cfg.report.bootstrap_samples, notes=list(notes) + inputs.notes)
     echo(f"report: {path} ({len(inputs.runs)} runs, {len(inputs.histories)} loss histories"
          + (f", {len(inputs.warnings)} warnings" if inputs.warnings else "") + ")")
     return path

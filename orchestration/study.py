@@ -33,6 +33,7 @@ from typing import Literal, Optional, Sequence
 
 from dmp_core.config import Config, ParamsError, load_config
 from dmp_core.errors import DmpError
+from orchestration.cluster import ClusterSettings, is_sqlite, run_remote
 from orchestration.repo import echo, params_differ_from_head, untracked_sources
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
@@ -184,6 +185,21 @@ def _run(cmd: Sequence[str]) -> str:
     return proc.stdout
 
 
+def _start_worker(cmd: Sequence[str], env: dict) -> None:
+    """Start queue worker(s). Output goes to a file, never to a pipe: the worker is forked
+    from this command and keeps its inherited output open for as long as it runs, so a
+    captured ``dvc queue start`` returns only when its worker has finished the whole queue
+    (and the next GPU's worker starts only then)."""
+    import os
+
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.run(list(cmd), stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+        if proc.returncode != 0:
+            out.seek(0)
+            last = out.read().strip().splitlines()
+            raise StudyFailed(f"study: `{_show(cmd)}` failed: {last[-1] if last else proc.returncode}")
+
+
 def queue_states(status_output: str, names: Sequence[str]) -> dict[str, str]:
     """Status (lower case) of each named experiment in ``dvc queue status`` output."""
     states = {}
@@ -200,24 +216,73 @@ def existing_experiments(dvc: Sequence[str]) -> set[str]:
     return {line.strip() for line in _run([*dvc, "exp", "list", "--name-only"]).splitlines() if line.strip()}
 
 
+# DVC's own worker spawn, for the k-th worker (what `dvc queue start -j k` calls for it)
+SPAWN_WORKER = "from dvc.repo import Repo; Repo('.').experiments.celery_queue._spawn_worker({num})"
+
+
+def worker_starts(jobs: int, gpus: Sequence[str], tracking_uri: Optional[str] = None,
+                  gpus_per_exp: int = 1) -> list[tuple[dict, list[str]]]:
+    """(environment changes, command) of each queue worker start.
+
+    DVC's queue has no per-worker environment: a worker inherits the environment of the
+    process that spawned it. ``CUDA_VISIBLE_DEVICES=1 dvc queue start -j 2`` adds worker 2
+    only if ``dvc queue start`` sees worker 1 running, and it asks the workers over celery:
+    a worker busy with a training run on a loaded machine may not answer in time, and then
+    worker 1 is spawned a second time, in GPU 1's environment (seen here: all four
+    experiments of a test study ran on GPU 0). So with ``gpus``, dmp spawns worker k itself
+    with DVC's own spawn function, in the k-th GPU's environment, asking nothing.
+
+    ``gpus_per_exp`` N > 1: worker k gets the k-th group of N ids and ``DMP_NPROC_PER_NODE=N``,
+    so its training stages run N processes under torchrun (stages/_common.py)."""
+    extra = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
+    if not gpus:
+        return [(extra, ["dvc", "queue", "start", "-j", str(jobs)])]
+    if len(gpus) % gpus_per_exp:
+        raise StudyFailed(f"study: --gpus {','.join(gpus)} is not a multiple of --gpus-per-exp {gpus_per_exp}")
+    groups = [",".join(gpus[i:i + gpus_per_exp]) for i in range(0, len(gpus), gpus_per_exp)]
+    if gpus_per_exp > 1:
+        extra = {**extra, "DMP_NPROC_PER_NODE": str(gpus_per_exp)}
+    return [({**extra, "CUDA_VISIBLE_DEVICES": group}, ["python", "-c", SPAWN_WORKER.format(num=k)])
+            for k, group in enumerate(groups, start=1)]
+
+
+def check_tracking(workers: int, params: Path, tracking_uri: Optional[str]) -> None:
+    """Refuse several workers on one SQLite MLflow store (concurrent writers lock it)."""
+    from dmp_core.tracking import resolve_tracking_uri
+
+    uri = tracking_uri or resolve_tracking_uri(load_config(params))
+    if workers > 1 and is_sqlite(uri):
+        raise StudyFailed(f"study: {workers} workers would write to one SQLite MLflow store ({uri}) at once "
+                          "('database is locked'): start `mlflow server` with a database backend and pass "
+                          "--tracking-uri http://... (docs/CLUSTER.md), or use one worker")
+
+
 def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: Path, poll_s: float = 15.0,
-              rerun: bool = False, policy: Sequence[str] = ()) -> int:
+              rerun: bool = False, policy: Sequence[str] = (), cluster: Optional[ClusterSettings] = None,
+              kind: str = "study") -> int:
     """Queue, run and wait for ``plan``, then write the report; returns the report's exit
-    status (``dry_run``: print the commands as a shell script, run nothing, return 0)."""
+    status (``dry_run``: print the commands as a shell script, run nothing, return 0).
+
+    ``cluster.engine`` other than ``queue`` hands the plan to :func:`orchestration.cluster.run_remote`."""
+    cluster = cluster or ClusterSettings()
+    if cluster.engine != "queue":
+        return run_remote(plan, kind, cluster, params, dry_run=dry_run, rerun=rerun)
     dvc = [sys.executable, "-m", "dvc"]
-    start = ["dvc", "queue", "start", "-j", str(jobs)]
+    starts = worker_starts(jobs, cluster.gpus, cluster.tracking_uri, max(1, int(cluster.gpus_per_exp)))
     report = ["dmp", "report", "--params", str(params)]
     if dry_run:
         for line in policy:
             print(f"# {line}")
         for exp in plan:
             print(_show(exp.command()))
-        print(_show(start))
+        for env, cmd in starts:
+            print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + _show(cmd))
         print("dvc queue status   # polled until every experiment above has finished")
         print(_show(report))
         return 0
     for line in policy:
         echo(f"study: {line}")
+    check_tracking(len(starts) if cluster.gpus else jobs, params, cluster.tracking_uri)
     differ, _ = params_differ_from_head(params, load_config(params))
     if differ:
         echo(f"study: note: {params} differs from HEAD's in {', '.join(differ)}; every experiment of this study "
@@ -241,7 +306,10 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
         _run(dvc + exp.command()[1:] + copy_args)
         echo(f"study: queued {exp.name} ({i}/{len(todo)})")
     if todo:
-        _run(dvc + start[1:])
+        for env, cmd in starts:
+            _start_worker((dvc if cmd[0] == "dvc" else [sys.executable]) + cmd[1:], env)
+            if cluster.gpus:
+                echo(f"study: queue worker started with CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}")
     names = [exp.name for exp in todo]
     last = ""
     states: dict[str, str] = {}

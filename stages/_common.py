@@ -3,6 +3,8 @@ turning library errors into one line on stderr with a non-zero exit."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -32,3 +34,23 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def load(params: Path) -> Config:
     return load_config(params)
+
+
+NPROC_ENV = "DMP_NPROC_PER_NODE"  # set by `dmp study --gpus-per-exp N` (docs/CLUSTER.md)
+
+
+def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
+    """``argv`` (a stage command) again under torchrun with ``nproc`` processes. ``--standalone``
+    is a c10d rendezvous on ``localhost:0``, a free port: two jobs on one machine never
+    collide on torchrun's default port 29500."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "stages", *argv]
+
+
+def relaunch_under_torchrun() -> None:
+    """With ``DMP_NPROC_PER_NODE=N`` (N > 1) and not yet under torchrun, replace this process
+    by the same command under torchrun; otherwise return. The training stages call it first."""
+    nproc = int(os.environ.get(NPROC_ENV) or 1)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        echo(f"{sys.argv[1] if len(sys.argv) > 1 else 'stage'}: {NPROC_ENV}={nproc}: relaunching under torchrun")
+        os.execv(sys.executable, torchrun_argv(sys.argv[1:], nproc))

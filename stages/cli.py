@@ -27,6 +27,8 @@ STAGE_MODULES = [
     "stages.model",
     "stages.bench",
     "stages.study",
+    "stages.collect",
+    "stages.job",
     "stages.pipeline",
     "stages.params_doc",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from stages._common import ParamsOpt, echo, guarded, load
+from stages._common import ParamsOpt, echo, guarded, load, relaunch_under_torchrun
 from stages.pretrain import ModelsOpt, PreparedOpt, ReportsOpt, summary
 
 
@@ -21,6 +21,7 @@ def finetune_cmd(
     reports: ReportsOpt = Path("reports"),
 ) -> None:
     """Finetune for retrieval (resumes from models/finetune/checkpoints when present)."""
+    relaunch_under_torchrun()  # DMP_NPROC_PER_NODE=N: N processes (DDP) on this machine
     from dmp_core.training.loop import run_training
 
     cfg = load(params)

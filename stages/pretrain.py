@@ -3,7 +3,8 @@
 Writes ``models/pretrain/model.safetensors`` (best val ITC recall), resume state in
 ``models/pretrain/checkpoints/`` and ``reports/pretrain/{metrics.json, history.csv,
 val_history.csv, run.json}``. Run it again after a kill and it resumes. Under
-``torchrun --nproc_per_node=N -m stages pretrain`` it trains with DDP."""
+``torchrun --nproc_per_node=N -m stages pretrain``, or with ``DMP_NPROC_PER_NODE=N`` set
+(it relaunches itself so), it trains with DDP."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from stages._common import ParamsOpt, echo, guarded, load
+from stages._common import ParamsOpt, echo, guarded, load, relaunch_under_torchrun
 
 PreparedOpt = Annotated[Path, typer.Option(help="prepared data folder")]
 TargetsOpt = Annotated[Path, typer.Option(help="precomputed MIM targets folder")]
@@ -35,6 +36,7 @@ def pretrain_cmd(
     reports: ReportsOpt = Path("reports"),
 ) -> None:
     """Pretrain (resumes from models/pretrain/checkpoints when present)."""
+    relaunch_under_torchrun()  # DMP_NPROC_PER_NODE=N: N processes (DDP) on this machine
     from dmp_core.training.loop import run_training
 
     cfg = load(params)

@@ -12,7 +12,9 @@ from orchestration.study import (FRACTIONS_TEXT, VARIANTS_TEXT, Budget, ablation
                                  parse_variants, planned_configs, run_study, scaling_plan, seeds_plan)
 from stages._common import ParamsOpt, guarded, load
 
-study_app = typer.Typer(help="Queued DVC experiment studies (ablations, data scaling).", no_args_is_help=True)
+study_app = typer.Typer(help="DVC experiment studies (seeds, ablations, data scaling) on one machine or many.",
+                        no_args_is_help=True)
+
 
 # ------------------------------------------------------------------ the commands
 SeedsOpt = Annotated[int, typer.Option(min=1, help="seeds per setting (seed=0..N-1)")]
@@ -31,18 +33,20 @@ PollOpt = Annotated[float, typer.Option("--poll-s", min=0.5, help="seconds betwe
 
 @study_app.command("ablations")
 @guarded
-def ablations_cmd(seeds: SeedsOpt = 1, jobs: JobsOpt = 1, dry_run: DryOpt = False, rerun: RerunOpt = False,
+def ablations_cmd(ctx: typer.Context, seeds: SeedsOpt = 1, jobs: JobsOpt = 1, dry_run: DryOpt = False, rerun: RerunOpt = False,
                   poll_s: PollOpt = 15.0, params: ParamsOpt = Path("params.yaml")) -> None:
     """MAMO, denoising (HOG), pixel targets, no VICReg, no ITC, text mask ratio 0.25."""
     load(params)  # fail early on a bad params file
     plan = ablation_plan(seeds)
     planned_configs(plan, params)
-    _exit(run_study(plan, jobs=jobs, dry_run=dry_run, params=params, rerun=rerun, poll_s=poll_s))
+    _exit(run_study(plan, jobs=jobs, dry_run=dry_run, params=params, rerun=rerun, poll_s=poll_s, cluster=ctx.obj,
+                    kind="ablations"))
 
 
 @study_app.command("seeds")
 @guarded
 def seeds_cmd(
+    ctx: typer.Context,
     variants: Annotated[str, typer.Option(help="objective.variant values, comma-separated")] = VARIANTS_TEXT,
     seeds: SeedsOpt = 3,
     first_seed: Annotated[int, typer.Option(min=0, help="skip seeds below this one (e.g. 1 after `make run`, "
@@ -54,12 +58,14 @@ def seeds_cmd(
     load(params)
     plan = seeds_plan(seeds, parse_variants(variants), first_seed)
     planned_configs(plan, params)
-    _exit(run_study(plan, jobs=jobs, dry_run=dry_run, params=params, rerun=rerun, poll_s=poll_s))
+    _exit(run_study(plan, jobs=jobs, dry_run=dry_run, params=params, rerun=rerun, poll_s=poll_s, cluster=ctx.obj,
+                    kind="seeds"))
 
 
 @study_app.command("scaling")
 @guarded
 def scaling_cmd(
+    ctx: typer.Context,
     fractions: Annotated[str, typer.Option(help="data.fraction values, comma-separated")] = FRACTIONS_TEXT,
     variants: Annotated[str, typer.Option(help="objective.variant values, comma-separated")] = VARIANTS_TEXT,
     budget: Annotated[str, typer.Option(help="steps: equal optimiser steps at every fraction (the default); "
@@ -76,7 +82,7 @@ def scaling_cmd(
     plan = scaling_plan(seeds, parse_fractions(fractions), parse_variants(variants), budget=kind, base=base, epochs=epochs)
     configs = planned_configs(plan, params)
     _exit(run_study(plan, jobs=jobs, dry_run=dry_run, params=params, rerun=rerun,
-                    policy=budget_lines(kind, configs), poll_s=poll_s))
+                    policy=budget_lines(kind, configs), poll_s=poll_s, cluster=ctx.obj, kind="scaling"))
 
 
 def register(app: typer.Typer) -> None:

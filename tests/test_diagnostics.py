@@ -17,7 +17,7 @@ from torch import nn
 
 from conftest import tiny_config
 from dmp_core.evaluation.diagnostics import image_use_gap, itm_auc, text_use_gap
-from dmp_core.evaluation.retrieval import RetrievalSplit, encode_split, itc_similarity
+from dmp_core.evaluation.retrieval import RetrievalSplit, encode_split
 from dmp_core.models.fusion import JointLayout
 from dmp_core.losses.masking import SpecialTokens
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -130,8 +131,8 @@ def test_itm_negatives_come_from_the_gathered_batch(tmp_path, uniform):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_two_process_pretrain_with_torchrun_writes_one_mlflow_run(tiny_data, tmp_path):
+@pytest.mark.timeout(840)
+def test_two_process_pretrain_with_torchrun_writes_one_mlflow_run_and_two_nodes_match(tiny_data, tmp_path):
     from mlflow import MlflowClient
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
@@ -139,14 +140,16 @@ def test_two_process_pretrain_with_torchrun_writes_one_mlflow_run(tiny_data, tmp
                       pretrain__checkpoint_every=2)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           "-m", "stages", "pretrain", "--params", str(params), "--prepared", str(tiny_data["prepared"]),
+    # the stage relaunches itself under `torchrun --standalone` (DMP_NPROC_PER_NODE, what
+    # `dmp study --gpus-per-exp 2` sets)
+    cmd = [sys.executable, "-m", "stages", "pretrain", "--params", str(params), "--prepared", str(tiny_data["prepared"]),
            "--targets", str(tiny_data["targets"]), "--models", str(tmp_path / "models"),
            "--reports", str(tmp_path / "reports")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU
+           "DMP_NPROC_PER_NODE": str(WORLD)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "world size 2" in done.stderr
+    assert "relaunching under torchrun" in done.stderr and "world size 2" in done.stderr
 
     metrics = json.loads((tmp_path / "reports" / "pretrain" / "metrics.json").read_text())
     assert metrics["steps"] == 3  # 96 pairs / (8 per rank x 2 ranks) = 6 steps per epoch, capped at 3
@@ -160,3 +163,30 @@ def test_two_process_pretrain_with_torchrun_writes_one_mlflow_run(tiny_data, tmp
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 only
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss_itc")) == [1, 2, 3]
+
+    # the same run on two "nodes" of one process each (c10d rendezvous on localhost, gloo):
+    # the same world of two ranks, so the same loss history, value for value
+    port = free_port()
+    nodes = []
+    for node in range(2):
+        out = tmp_path / f"node{node}"
+        node_params = tmp_path / f"params{node}.yaml"
+        node_cfg = tiny_config(tracking__uri=f"sqlite:///{out}/mlflow.db", tracking__experiment="ddp",
+                               pretrain__steps=3, pretrain__checkpoint_every=2)
+        out.mkdir()
+        node_params.write_text(yaml.safe_dump(node_cfg.model_dump(mode="json")))
+        node_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+                    "-m", "stages", "pretrain", "--params", str(node_params), "--prepared", str(tiny_data["prepared"]),
+                    "--targets", str(tiny_data["targets"]), "--models", str(out / "models"),
+                    "--reports", str(out / "reports")]
+        nodes.append(subprocess.Popen(node_cmd, cwd=ROOT, env={k: v for k, v in env.items() if k != "DMP_NPROC_PER_NODE"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-2000:] for log in logs)
+    written = [tmp_path / f"node{n}" / "reports" / "pretrain" / "history.csv" for n in range(2)]
+    assert sum(path.is_file() for path in written) == 1  # rank 0's node writes the outputs
+    one_node = pd.read_csv(tmp_path / "reports" / "pretrain" / "history.csv")
+    two_nodes = pd.read_csv(next(path for path in written if path.is_file()))
+    losses = ["step", "lr"] + [c for c in one_node.columns if c.startswith("loss")]
+    pd.testing.assert_frame_equal(two_nodes[losses], one_node[losses])

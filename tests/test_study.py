@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import orchestration.study as study
 from dmp_core.config import ParamsError, load_config
+from orchestration.cluster import ClusterSettings
 from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,6 @@ def _fake_dvc(monkeypatch, plan, existing=(), untracked=()):
     reports ``untracked`` files."""
     calls: list[list[str]] = []
     polls = iter(["queued", "running", "success"])
-
     def fake_run(cmd, **kwargs):
         if cmd[:2] == ["git", "status"]:
             return subprocess.CompletedProcess(cmd, 0, "".join(f"?? {p}\0" for p in untracked), "")
@@ -171,8 +171,9 @@ def _fake_dvc(monkeypatch, plan, existing=(), untracked=()):
         calls.append(cmd[2:])  # drop "<python> -m"
         out = ""
         if cmd[3:5] == ["queue", "status"]:
-            state = next(polls)
+            state = next(polls, "success")
             out = "\n".join(f"abc123  {exp.name}  10:00 AM  {state.capitalize()}" for exp in plan)
+
         if cmd[3:5] == ["exp", "list"]:
             out = "\n".join(existing) + "\n"
         return subprocess.CompletedProcess(cmd, 0, out, "")
@@ -192,7 +193,8 @@ def test_run_study_queues_waits_and_reports(monkeypatch, params) -> None:
     """The real flow with a stand-in for dvc: queued, started, polled until done, reported."""
     plan = study.ablation_plan(1)[:2]
     calls = _fake_dvc(monkeypatch, plan)
-    study.run_study(plan, jobs=2, dry_run=False, params=params, poll_s=0)
+    server = ClusterSettings(tracking_uri="http://127.0.0.1:5000")  # two workers need a tracking server
+    study.run_study(plan, jobs=2, dry_run=False, params=params, poll_s=0, cluster=server)
 
     assert calls[0] == ["dvc", "exp", "list", "--name-only"]
     assert calls[1] == ["dvc", "exp", "run", "--queue", "--name", "abl-mamo-s0",
@@ -201,6 +203,36 @@ def test_run_study_queues_waits_and_reports(monkeypatch, params) -> None:
     assert [c[1:3] for c in calls[4:7]] == [["queue", "status"]] * 3
     assert calls[7] == ["stages", "report", "--params", str(params)]
     assert len(calls) == 8
+
+
+def test_two_workers_on_one_sqlite_store_are_refused(monkeypatch, params) -> None:
+    plan = study.ablation_plan(1)[:2]
+    calls = _fake_dvc(monkeypatch, plan)
+    with pytest.raises(study.StudyFailed, match=r"2 workers would write to one SQLite MLflow store .*mlflow server"):
+        study.run_study(plan, jobs=2, dry_run=False, params=params, poll_s=0)
+    assert not any(c[:2] == ["dvc", "exp"] or c[:2] == ["dvc", "queue"] for c in calls)  # nothing queued
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)  # one writer is fine
+
+
+def test_one_queue_worker_per_gpu_each_started_with_its_gpu(monkeypatch, params) -> None:
+    """DVC workers inherit the environment of the `dvc queue start` that launched them."""
+    plan = study.ablation_plan(1)[:4]
+    seen: list[tuple[list[str], dict]] = []
+    calls = _fake_dvc(monkeypatch, plan)
+    fake = study.subprocess.run
+
+    def spy(cmd, **kwargs):
+        seen.append((cmd, kwargs.get("env") or {}))
+        return fake(cmd, **kwargs)
+
+    monkeypatch.setattr(study.subprocess, "run", spy)
+    gpus = ClusterSettings(gpus=["0", "1"], tracking_uri="http://127.0.0.1:5000")
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, cluster=gpus)
+    starts = [(cmd, env) for cmd, env in seen if "_spawn_worker" in " ".join(cmd)]
+    assert [cmd[-1] for cmd, _ in starts] == [study.SPAWN_WORKER.format(num=k) for k in (1, 2)]
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in starts] == ["0", "1"]
+    assert all(env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000" for _, env in starts)
+    assert sum(c[1:3] == ["exp", "run"] for c in calls) == 4
 
 
 def test_run_study_copies_untracked_sources(monkeypatch, params) -> None:
@@ -236,3 +268,32 @@ def test_study_help() -> None:
         assert result.exit_code == 0 and "--seeds" in result.output and "--dry-run" in result.output
     result = CliRunner().invoke(app, ["study", "scaling", "--help"])
     assert "--fractions" in result.output and "--variants" in result.output and "--budget" in result.output
+
+
+
+def test_gpus_per_experiment_group_the_ids_and_run_torchrun() -> None:
+    starts = study.worker_starts(1, ["0", "1", "2", "3"], "http://h:5000", gpus_per_exp=2)
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in starts] == ["0,1", "2,3"]
+    assert all(env["DMP_NPROC_PER_NODE"] == "2" for env, _ in starts)
+    assert "DMP_NPROC_PER_NODE" not in study.worker_starts(1, ["0", "1"])[0][0]
+    with pytest.raises(study.StudyFailed, match="not a multiple of --gpus-per-exp 2"):
+        study.worker_starts(1, ["0", "1", "2"], gpus_per_exp=2)
+
+
+def test_a_training_stage_relaunches_itself_under_torchrun(monkeypatch) -> None:
+    from stages import _common
+
+    execs = []
+    monkeypatch.setattr(_common.os, "execv", lambda exe, argv: execs.append(argv))
+    monkeypatch.setattr(_common.sys, "argv", ["dmp", "pretrain", "--params", "p.yaml"])
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("DMP_NPROC_PER_NODE", "1")
+    _common.relaunch_under_torchrun()
+    assert execs == []  # one process: nothing to do
+    monkeypatch.setenv("DMP_NPROC_PER_NODE", "2")
+    _common.relaunch_under_torchrun()
+    assert execs[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "stages",
+                            "pretrain", "--params", "p.yaml"]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already under torchrun: never again
+    _common.relaunch_under_torchrun()
+    assert len(execs) == 1

@@ -73,6 +73,8 @@ def test_tracker_sqlite_roundtrip(monkeypatch, tmp_path):
     from mlflow import MlflowClient
 
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
+    monkeypatch.setenv("DMP_STUDY", "study-x")  # what the job runner sets (orchestration/jobs.py)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what a pinned queue worker or Ray sets
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _cfg(tracking__uri=uri, tracking__experiment="unit")
@@ -92,6 +94,7 @@ def test_tracker_sqlite_roundtrip(monkeypatch, tmp_path):
     assert tags["dmp.stage"] == "pretrain" and tags["dmp.variant"] == "denoising"
     assert tags["dmp.model_preset"] == "tiny" and tags["dmp.upstream_run_id"] == "up-1"
     assert tags["dvc.exp_name"] == "brisk-lynx" and tags["dvc.baseline_rev"] == "abc123"
+    assert tags["dmp.study"] == "study-x" and tags["dmp.cuda_visible_devices"] == "3"
     assert tags["mlflow.runName"] == "brisk-lynx/pretrain"  # no repeated variant
     params = run.data.params
     assert params["objective.variant"] == "denoising"
@@ -117,7 +120,7 @@ def test_tracker_sqlite_roundtrip(monkeypatch, tmp_path):
     assert {a.path for a in client.list_artifacts(tr.run_id)} >= {"config", "model"}
     info = tracking.read_run_json(tmp_path / "reports" / "run.json")
     assert info == {"run_id": tr.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri,
-                    "stage": "pretrain"}
+                    "stage": "pretrain", "environment": tracking.launch_environment()}
 
     # resuming continues the same run (params are not logged twice)
     tr2 = tracking.Tracker(cfg, "pretrain", run_id=tr.run_id)

@@ -36,8 +36,6 @@ import csv
 import hashlib
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -47,23 +45,8 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dmp_core", "stages", "dvc.yaml", ".dvcignore", "pyproject.toml", "params.yaml", ".gitignore"]
-# the smallest run that still exercises every stage: 32 px, 48 training images x 2 captions,
-# 6 + 4 optimiser steps (one epoch of pretraining: the scaling step needs whole epochs),
-# two val checks and checkpoints per training stage, a 16-image test split, ITM re-ranking
-# of the top 8, small diagnostics. Evaluation batch sizes keep their defaults (one batch).
-TINY_SETTINGS = [
-    "data.image_size=32", "++data.max_tokens=16",
-    "++data.synthetic.n_train=48", "++data.synthetic.n_val=16", "++data.synthetic.n_test=16",
-    "++data.synthetic.captions_per_image=2",
-    "pretrain.steps=6", "pretrain.batch_size=8", "++pretrain.num_workers=0", "++pretrain.checkpoint_every=3",
-    "++pretrain.val_every=3", "++pretrain.log_every=1",
-    "finetune.steps=4", "++finetune.batch_size=8", "++finetune.num_workers=0", "++finetune.checkpoint_every=2",
-    "++finetune.val_every=2", "++finetune.log_every=1",
-    "eval.k_test=8", "++eval.diag_queries=8", "++eval.diag_pairs=8",
-    "++tracking.system_metrics=false", "++report.bootstrap_samples=100", "++report.gallery_queries=2",
-]
+from tinyrepo import ROOT, TINY_SETTINGS, make_tiny_project, test_env as _env
+
 SCALED = "scale-denoising-f050-s0"  # the one experiment of the scaling step
 # every output of the workspace run that a failed experiment must leave alone
 GUARDED = [
@@ -84,19 +67,6 @@ def _require(*steps: str) -> None:
     missing = [s for s in steps if s not in PASSED]
     if missing:
         pytest.skip(f"needs the earlier step(s) {', '.join(missing)}, which did not pass")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DVC_", "MLFLOW_TRACKING_URI", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE"))}
-    # `python` in dvc.yaml must be this interpreter (the project's venv); bytecode is
-    # written (git- and dvc-ignored) so that each of the ~50 stage processes does not
-    # recompile the project's modules
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
-            "GIT_AUTHOR_NAME": "dmp-test", "GIT_COMMITTER_NAME": "dmp-test",
-            "GIT_AUTHOR_EMAIL": "dmp-test@example.invalid", "GIT_COMMITTER_EMAIL": "dmp-test@example.invalid"}
-    return env
 
 
 def _run(repo: Path, *cmd: str, check: bool = True, label: str | None = None) -> subprocess.CompletedProcess:
@@ -162,23 +132,7 @@ def _main_table(results_md: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from dvc.utils.hydra import apply_overrides
-
-    repo = tmp_path_factory.mktemp("workflow") / "proj"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, repo / name)
-    apply_overrides(repo / "params.yaml", TINY_SETTINGS)  # what `dvc exp run -S` writes
-    _run(repo, "git", "init", "-q")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "config", "core.analytics", "false")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "tiny project")
-    return repo
+    return make_tiny_project(tmp_path_factory.mktemp("workflow") / "proj")
 
 
 def test_data_stages_run_once_and_are_committed(repo: Path) -> None:
