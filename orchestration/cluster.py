@@ -84,9 +84,13 @@ def ensure_experiment(uri: str, name: str) -> str:
     """Create the MLflow experiment once, before any job starts; returns its id."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else client.create_experiment(name)
+    except Exception as err:  # noqa: BLE001  (unreachable server, refused connection, ...): one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ClusterError(f"--tracking-uri {uri}: cannot create the MLflow experiment {name!r} ({first})") from None
 
 
 def job_command(spec: StudySpec, exp: str, workdir: Path) -> list[str]:

@@ -113,8 +113,16 @@ def _git_ok(*args: str, cwd: Optional[Path] = None, what: str) -> str:
 
 # ------------------------------------------------------------------ the spec on the git remote
 def publish_spec(spec: StudySpec, cwd: Optional[Path] = None) -> str:
-    """Push ``study.json`` (parent: the study's commit) to ``refs/dmp/studies/<name>``; returns the ref."""
+    """Push ``study.json`` (parent: the study's commit) to ``refs/dmp/studies/<name>``; returns the ref.
+
+    The same spec again is a no-op; another spec under a published name is refused."""
     ref = STUDY_REF.format(name=spec.name)
+    if git("ls-remote", "--exit-code", spec.git_remote, ref, cwd=cwd).returncode == 0:
+        published = fetch_spec(spec.git_remote, spec.name, Path(cwd or "."))
+        if published == spec:
+            return ref
+        raise JobFailed(f"study {spec.name} is already published on {spec.git_remote} with another plan or commit "
+                        f"({published.commit[:12]}, {len(published.experiments)} experiments): choose another --name")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
         tmp.write(spec.to_json())
     try:
@@ -125,7 +133,7 @@ def publish_spec(spec: StudySpec, cwd: Optional[Path] = None) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
     commit = _git_ok("commit-tree", tree, "-p", spec.commit, "-m", f"dmp study {spec.name}", cwd=cwd,
                      what="study spec").strip()
-    _git_ok("push", "--force", spec.git_remote, f"{commit}:{ref}", cwd=cwd,
+    _git_ok("push", spec.git_remote, f"{commit}:{ref}", cwd=cwd,
             what=f"publishing study {spec.name} to {spec.git_remote}")
     return ref
 
@@ -141,7 +149,8 @@ def fetch_spec(git_remote: str, name: str, cwd: Path) -> StudySpec:
 # ------------------------------------------------------------------ a clone at the study's commit
 def clone_at(spec: StudySpec, folder: Path) -> Path:
     """A fresh clone of the git remote at the study's commit, its DVC remote set locally."""
-    if folder.exists():
+    if folder.exists():  # an earlier try of this job here: what it finished is in the run cache
+        echo(f"job: removing the earlier clone {folder} (a resubmission starts from a fresh clone)")
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _git_ok("clone", "--quiet", "--no-checkout", spec.git_remote, str(folder), what=f"cloning {spec.git_remote}")
@@ -163,7 +172,7 @@ def pull_run_cache(folder: Path) -> int:
         return len(repo.stage_cache.pull(None) or [])
 
 
-def job_env(spec: StudySpec, exp: str) -> dict[str, str]:
+def job_env(spec: StudySpec) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("DVC_EXP_NAME", "DVC_ROOT", "DVC_EXP_BASELINE_REV"):  # never inherit an outer experiment's
         env.pop(key, None)
@@ -192,7 +201,7 @@ def run_job(spec: StudySpec, exp: str, workdir: Path, *, keep: bool = False) -> 
     log_path = folder.with_suffix(".log")
     folder.parent.mkdir(parents=True, exist_ok=True)
     result = JobResult(exp, False, log_path)
-    env = job_env(spec, exp)
+    env = job_env(spec)
     t = time.perf_counter()
 
     def lap(step: str) -> None:
