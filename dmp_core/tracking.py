@@ -306,7 +306,10 @@ class Tracker(NullTracker):
         self._mlflow.end_run(status=status)
 
     def run_info(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri}
+        """How to find this run, and where it ran (kept in the resume state, so a resumed or
+        re-finished stage writes the same ``run.json``)."""
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri,
+                "environment": launch_environment()}
 
 
 def launch_environment() -> dict[str, str]:
@@ -317,4 +320,4 @@ def launch_environment() -> dict[str, str]:
 
 def write_run_json(reports_dir: str | Path, tracker: NullTracker, **extra: Any) -> None:
     """``reports/<stage>/run.json``: how to find this stage's MLflow run, and where it ran."""
-    write_json(Path(reports_dir) / "run.json", {**tracker.run_info(), "environment": launch_environment(), **extra})
+    write_json(Path(reports_dir) / "run.json", {**tracker.run_info(), **extra})

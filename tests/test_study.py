@@ -22,7 +22,8 @@ PARAMS = ROOT / "params.yaml"
 
 def _dry(*args: str) -> tuple[list[str], list[list[str]]]:
     """(policy comment lines, commands) of a dry run."""
-    result = CliRunner().invoke(app, ["study", *args, "--dry-run"])
+    # no tracking URI from the environment (another test's process may have set one)
+    result = CliRunner().invoke(app, ["study", *args, "--dry-run"], env={"MLFLOW_TRACKING_URI": None})
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     comments = [line[2:] for line in lines if line.startswith("# ")]
