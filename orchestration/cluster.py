@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dmp_core.errors import DmpError
-from orchestration.jobs import JobFailed, StudySpec, fetch_spec, publish_spec, warm_up
+from orchestration.jobs import StudySpec, fetch_spec, publish_spec, run_checked, warm_up
 from orchestration.repo import echo, git, git_status
 
 
@@ -40,7 +40,7 @@ class ClusterError(DmpError):
 class ClusterSettings:
     """Where a study runs and where its results go (options or environment, never code)."""
 
-    engine: str = "queue"                 # queue (local DVC queue) | ray
+    engine: str = "queue"                 # queue (local DVC queue) | ray | jobs (printed job lines)
     gpus: list[str] = field(default_factory=list)  # queue: one worker per listed GPU id
     gpus_per_exp: float = 0.0             # GPUs per experiment (ray: num_gpus; > 1: torchrun with that many)
     address: Optional[str] = None         # ray: cluster address; None starts a local one
@@ -55,7 +55,7 @@ class ClusterSettings:
 
 def _require(value: Optional[str], option: str) -> str:
     if not value:
-        raise ClusterError(f"{option} is required with --engine ray (or set its environment variable)")
+        raise ClusterError(f"{option} is required with --engine ray or jobs (or set its environment variable)")
     return value
 
 
@@ -99,15 +99,10 @@ def job_command(spec: StudySpec, exp: str, workdir: Path) -> list[str]:
             "--workdir", str(Path(workdir).resolve())]
 
 
-def run_on_ray(spec: StudySpec, names: Sequence[str], settings: ClusterSettings, experiment: str) -> dict[str, int]:
-    """Publish, warm up, run one Ray task per experiment; returns each job's exit status."""
+def run_on_ray(spec: StudySpec, names: Sequence[str], settings: ClusterSettings) -> dict[str, int]:
+    """One Ray task per experiment of a published study; returns each job's exit status."""
     import ray
 
-    publish_spec(spec)
-    echo(f"study {spec.name}: published as refs/dmp/studies/{spec.name} on {spec.git_remote}")
-    ensure_experiment(spec.tracking_uri, experiment)
-    if settings.warm_up:
-        warm_up(spec, settings.workdir)
     if settings.address:
         ray.init(address=settings.address, log_to_driver=True)
     else:
@@ -130,10 +125,8 @@ def run_on_ray(spec: StudySpec, names: Sequence[str], settings: ClusterSettings,
 # ------------------------------------------------------------------ collect
 def remote_experiments(git_remote: str, commit: str) -> set[str]:
     """Names of the DVC experiments of ``commit`` on the git remote."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only", "--rev", commit, git_remote],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise JobFailed(f"collect: `dvc exp list {git_remote}` failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    proc = run_checked([sys.executable, "-m", "dvc", "exp", "list", "--name-only", "--rev", commit, git_remote],
+                       cwd=None, what="study: listing the remote's experiments")
     return {line.strip() for line in proc.stdout.splitlines() if line.strip()}
 
 
@@ -148,10 +141,8 @@ def collect(name: str, git_remote: str, cwd: Optional[Path] = None) -> tuple[Stu
     pulled = [exp for exp in spec.experiments if exp in found]
     missing = [exp for exp in spec.experiments if exp not in found]
     if pulled:
-        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "pull", "--no-cache", "--force", git_remote,
-                               *pulled], cwd=cwd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise JobFailed(f"collect: `dvc exp pull` failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        run_checked([sys.executable, "-m", "dvc", "exp", "pull", "--no-cache", "--force", git_remote, *pulled],
+                    cwd=cwd, what="collect")
     echo(f"study {name}: {len(pulled)} of {len(spec.experiments)} experiments pulled from {git_remote}"
          + (f"; missing (failed or not finished): {', '.join(missing)}" if missing else ""))
     return spec, pulled, missing
@@ -193,18 +184,19 @@ def run_remote(plan: Sequence, kind: str, settings: ClusterSettings, params: Pat
     for name in spec.experiments:
         if name in existing:
             echo(f"study {spec.name}: {name} is on {spec.git_remote} already: kept (--rerun runs it again)")
+    if not dry_run:  # before any job starts: the plan on the remote, the MLflow experiment, the data stages
+        publish_spec(spec)
+        echo(f"study {spec.name}: published as refs/dmp/studies/{spec.name} on {spec.git_remote}")
+        ensure_experiment(spec.tracking_uri, experiment_name_of(params))
+        if settings.warm_up:
+            warm_up(spec, settings.workdir)
     if dry_run or settings.engine == "jobs":
-        if not dry_run:
-            publish_spec(spec)
-            ensure_experiment(spec.tracking_uri, experiment_name_of(params))
-            if settings.warm_up:
-                warm_up(spec, settings.workdir)
         print(f"# study {spec.name} at {spec.commit[:12]}: one job per line, on any machine (docs/CLUSTER.md)")
         for name in names:
             print("dmp " + shlex.join(job_command(spec, name, settings.workdir)[3:]))
         print(f"dmp study collect {spec.name} --git-remote {spec.git_remote}")
         return 0
-    codes = run_on_ray(spec, names, settings, experiment_name_of(params))
+    codes = run_on_ray(spec, names, settings)
     failed = [name for name, code in codes.items() if code != 0]
     if failed:
         echo(f"study {spec.name}: {len(failed)} jobs failed ({', '.join(failed)}): their logs are in "

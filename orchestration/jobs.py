@@ -85,15 +85,21 @@ class StudySpec:
 
 
 # ------------------------------------------------------------------ commands
-def _check(cmd: Sequence[str], *, cwd: Optional[Path], what: str, env: Optional[dict] = None,
-           log=None) -> subprocess.CompletedProcess:
-    """Run ``cmd``; its output goes to ``log`` (a file) when given; raise JobFailed naming ``what``."""
-    if env is None:  # dvc.yaml runs `python`: this interpreter's, wherever the job was started from
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(list(cmd), cwd=cwd, env=env, text=True,
-                          stdout=log if log else subprocess.PIPE, stderr=subprocess.STDOUT)
+def with_this_python(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's folder first on PATH: dvc.yaml runs ``python``, which
+    must be this environment's wherever the job was started from."""
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def run_checked(cmd: Sequence[str], *, cwd: Optional[Path], what: str, env: Optional[dict] = None,
+                log=None) -> subprocess.CompletedProcess:
+    """Run ``cmd``; raise JobFailed naming ``what`` and the last line it printed. With ``log`` (a
+    file) all its output goes there; without, stdout is returned and stderr kept apart."""
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env or with_this_python(dict(os.environ)), text=True,
+                          stdout=log if log else subprocess.PIPE,
+                          stderr=subprocess.STDOUT if log else subprocess.PIPE)
     if proc.returncode != 0:
-        tail = (proc.stdout or "").strip().splitlines()
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()
         raise JobFailed(f"{what}: `{' '.join(cmd)}` exited with {proc.returncode}"
                         + (f": {tail[-1]}" if tail else " (see the job log)"))
     return proc
@@ -156,7 +162,7 @@ def clone_at(spec: StudySpec, folder: Path) -> Path:
     _git_ok("clone", "--quiet", "--no-checkout", spec.git_remote, str(folder), what=f"cloning {spec.git_remote}")
     fetch_spec(spec.git_remote, spec.name, folder)
     _git_ok("checkout", "--quiet", "--detach", spec.commit, cwd=folder, what=f"checking out {spec.commit}")
-    _check(_dvc("remote", "add", "--local", "--force", "--default", "study", spec.dvc_remote), cwd=folder,
+    run_checked(_dvc("remote", "add", "--local", "--force", "--default", "study", spec.dvc_remote), cwd=folder,
            what="setting the DVC remote")
     return folder
 
@@ -176,10 +182,7 @@ def job_env(spec: StudySpec) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("DVC_EXP_NAME", "DVC_ROOT", "DVC_EXP_BASELINE_REV"):  # never inherit an outer experiment's
         env.pop(key, None)
-    # dvc.yaml runs `python`: this interpreter's environment, wherever the job was started from
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env |= {"MLFLOW_TRACKING_URI": spec.tracking_uri, "DMP_STUDY": spec.name}
-    return env
+    return with_this_python(env) | {"MLFLOW_TRACKING_URI": spec.tracking_uri, "DMP_STUDY": spec.name}
 
 
 @dataclass
@@ -231,10 +234,10 @@ def run_job(spec: StudySpec, exp: str, workdir: Path, *, keep: bool = False) -> 
             run = ["exp", "run", "--pull", "-n", exp] + [a for s in set_params for a in ("-S", s)]
             say("dvc " + " ".join(run))
             log.flush()
-            _check(_dvc(*run), cwd=folder, env=env, what=f"job {exp}", log=log)
+            run_checked(_dvc(*run), cwd=folder, env=env, what=f"job {exp}", log=log)
             lap("run")
             log.flush()
-            _check(_dvc("exp", "push", "--run-cache", spec.git_remote, exp), cwd=folder, env=env,
+            run_checked(_dvc("exp", "push", "--run-cache", spec.git_remote, exp), cwd=folder, env=env,
                    what=f"job {exp}: pushing", log=log)
             lap("push")
             result.ok = True
@@ -251,7 +254,7 @@ def run_job(spec: StudySpec, exp: str, workdir: Path, *, keep: bool = False) -> 
                     f"run cache pushed (some outputs of unfinished stages were missing: exit {pushed.returncode})")
     if result.ok and not keep:
         shutil.rmtree(folder, ignore_errors=True)
-    write_json(folder.parent / f"{exp}.json", json.loads(json.dumps(asdict(result), default=str)))
+    write_json(folder.parent / f"{exp}.json", asdict(result))
     return result
 
 
@@ -272,8 +275,8 @@ def data_stages(folder: Path, set_params: Sequence[str], log, env: Optional[dict
     from dvc.utils.hydra import apply_overrides
 
     apply_overrides(folder / "params.yaml", list(set_params))  # what `dvc exp run -S` writes
-    _check(_dvc("repro", "--pull", DATA_STAGES_TARGET), cwd=folder, what="data stages", log=log, env=env)
-    _check(_dvc("push", "--run-cache", DATA_STAGES_TARGET, "--with-deps"), cwd=folder,
+    run_checked(_dvc("repro", "--pull", DATA_STAGES_TARGET), cwd=folder, what="data stages", log=log, env=env)
+    run_checked(_dvc("push", "--run-cache", DATA_STAGES_TARGET, "--with-deps"), cwd=folder,
            what="data stages: pushing", log=log, env=env)
 
 
