@@ -152,6 +152,17 @@ def fetch_spec(git_remote: str, name: str, cwd: Path) -> StudySpec:
     return StudySpec.from_json(_git_ok("show", f"{ref}:study.json", cwd=cwd, what="study spec"), f"{git_remote} {ref}")
 
 
+def read_spec(git_remote: str, name: str, work: Path) -> StudySpec:
+    """The study's spec, read through a scratch repository of this call's own under ``work``.
+
+    Jobs of one study start at once on one machine with the same ``--workdir``: a shared
+    scratch repository would race on ``git init`` and on the fetched ref's lock."""
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".spec-", dir=work) as scratch:
+        _git_ok("init", "--quiet", "--bare", scratch, what=f"a scratch repository under {work}")
+        return fetch_spec(git_remote, name, Path(scratch))
+
+
 # ------------------------------------------------------------------ a clone at the study's commit
 def clone_at(spec: StudySpec, folder: Path) -> Path:
     """A fresh clone of the git remote at the study's commit, its DVC remote set locally."""

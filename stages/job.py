@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from orchestration.jobs import fetch_spec, run_job, warm_up
+from orchestration.jobs import read_spec, run_job, warm_up
 from stages._common import guarded
 
 job_app = typer.Typer(help="Run one experiment of a published study (any machine).", no_args_is_help=True)
@@ -25,8 +25,7 @@ def run_cmd(study: Annotated[str, typer.Argument(help="study name (refs/dmp/stud
             keep: Annotated[bool, typer.Option("--keep", help="keep the clone after a success")] = False) -> None:
     """Clone at the study's commit, restore finished stages, `dvc exp run`, push the experiment."""
     work = workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    result = run_job(fetch_spec(git_remote, study, _scratch(work)), exp, work, keep=keep)
+    result = run_job(read_spec(git_remote, study, work), exp, work, keep=keep)
     print(f"job {exp}: {'ok' if result.ok else 'FAILED'} ({result.log})")
     if not result.ok:
         raise typer.Exit(1)
@@ -38,19 +37,8 @@ def warm_up_cmd(study: Annotated[str, typer.Argument(help="study name")], git_re
                 workdir: WorkdirOpt = Path(".dvc/tmp/jobs")) -> None:
     """Run the study's data stages once and push them with the run cache (before any fan-out)."""
     work = workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    warm_up(fetch_spec(git_remote, study, _scratch(work)), work)
+    warm_up(read_spec(git_remote, study, work), work)
     print(f"job warm-up: data stages of {study} pushed")
-
-
-def _scratch(work: Path) -> Path:
-    """An empty git repository to fetch the study's spec into (the job may start outside any clone)."""
-    import subprocess
-
-    folder = work / ".spec"
-    if not (folder / ".git").is_dir():
-        subprocess.run(["git", "init", "-q", str(folder)], check=True)
-    return folder
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.jobs import JobFailed, StudySpec, data_settings, fetch_spec, publish_spec
+from orchestration.jobs import JobFailed, StudySpec, data_settings, fetch_spec, publish_spec, read_spec
 from tinyrepo import test_env
 
 
@@ -47,6 +47,21 @@ def test_a_published_spec_comes_back_from_the_remote_with_its_commit(repo, tmp_p
     assert spec.set_params("seed-mamo-s0") == ["++objective.variant=mamo", "++seed=0"]
     with pytest.raises(JobFailed, match="no experiment named 'nope'"):
         spec.set_params("nope")
+
+
+def test_jobs_starting_at_once_in_one_workdir_each_read_the_spec(repo, tmp_path) -> None:
+    """Ray starts a study's jobs together on one machine: a shared scratch repository raced on
+    ``git init`` and failed one of them (CI, stop 21)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work, remote, commit = repo
+    spec = _spec(remote, commit)
+    publish_spec(spec, work)
+    jobs = tmp_path / "jobs"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        specs = list(pool.map(lambda _: read_spec(str(remote), "s1", jobs), range(16)))
+    assert specs == [spec] * 16
+    assert list(jobs.iterdir()) == []  # the scratch repositories are gone
 
 
 def test_publishing_is_idempotent_and_refuses_another_plan_under_the_same_name(repo) -> None:
