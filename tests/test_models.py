@@ -165,9 +165,9 @@ def test_fresh_heads_get_bert_init():
         assert abs(float(layer.weight.detach().std()) - 0.02) < 0.004, name  # PyTorch's default would be ~1/sqrt(3*256)
         assert float(layer.bias.detach().abs().max()) == 0.0, name
     dense = model.mlm_head.transform.dense
-    assert abs(float(dense.weight.std()) - 0.02) < 0.004 and float(dense.bias.abs().max()) == 0.0
-    assert abs(float(model.fusion.image_proj[0].weight.std()) - 0.02) < 0.004
-    assert abs(float(model.fusion.cls.std()) - 0.02) < 0.01
+    assert abs(float(dense.weight.detach().std()) - 0.02) < 0.004 and float(dense.bias.detach().abs().max()) == 0.0
+    assert abs(float(model.fusion.image_proj[0].weight.detach().std()) - 0.02) < 0.004
+    assert abs(float(model.fusion.cls.detach().std()) - 0.02) < 0.01
 
 
 def test_no_weight_decay_names_cover_tokens_and_embeddings():
