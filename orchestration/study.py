@@ -200,15 +200,26 @@ def _start_worker(cmd: Sequence[str], env: dict) -> None:
             raise StudyFailed(f"study: `{_show(cmd)}` failed: {last[-1] if last else proc.returncode}")
 
 
-def queue_states(status_output: str, names: Sequence[str]) -> dict[str, str]:
-    """Status (lower case) of each named experiment in ``dvc queue status`` output."""
+def queue_states(status_output: str, names: Sequence[str], skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Status (lower case) of each named experiment in ``dvc queue status`` output.
+
+    ``skip``: task ids to ignore, those the queue held before this study queued its own (an
+    earlier study's finished task of the same name stays listed)."""
     states = {}
     for line in status_output.splitlines():
         tokens = line.split()
+        if tokens and tokens[0] in skip:
+            continue
         for name in names:
             if name in tokens:
                 states[name] = tokens[-1].lower()
     return states
+
+
+def queue_tasks(status_output: str) -> frozenset[str]:
+    """Task ids listed by ``dvc queue status`` (the first column of its rows)."""
+    rows = status_output.split("\n\n")[0].splitlines()[1:]  # header first; "Worker status" after a blank line
+    return frozenset(line.split()[0] for line in rows if line.split())
 
 
 def existing_experiments(dvc: Sequence[str]) -> set[str]:
@@ -302,6 +313,7 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
         echo(f"study: not in git, copied into each experiment's folder (-C) but not recorded in its commit: "
              f"{', '.join(copies)}")
     copy_args = [arg for path in copies for arg in ("-C", path)]
+    earlier = queue_tasks(_run(dvc + ["queue", "status"])) if todo else frozenset()
     for i, exp in enumerate(todo, start=1):
         _run(dvc + exp.command()[1:] + copy_args)
         echo(f"study: queued {exp.name} ({i}/{len(todo)})")
@@ -314,7 +326,7 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
     last = ""
     states: dict[str, str] = {}
     while names:
-        states = queue_states(_run(dvc + ["queue", "status"]), names)
+        states = queue_states(_run(dvc + ["queue", "status"]), names, skip=earlier)
         done = [n for n in names if states.get(n) in FINISHED]
         line = f"study: {len(done)}/{len(names)} finished, {sum(states.get(n) == 'running' for n in names)} running"
         if line != last:

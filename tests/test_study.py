@@ -157,6 +157,10 @@ Worker status: 1 active, 0 idle
 """
     assert study.queue_states(out, ["abl-mamo-s0", "abl-mamo-s1", "abl-mamo-s10", "absent"]) == {
         "abl-mamo-s0": "success", "abl-mamo-s1": "running", "abl-mamo-s10": "queued"}
+    assert study.queue_tasks(out) == {"3bb1f3e", "a1c2e3f", "9f9f9f9"}
+    # an earlier study's task of the same name, listed after ours, is not read as ours
+    later = out.replace("\n\n", "\n5e5e5e5  abl-mamo-s1        09:00 AM   Success\n\n")
+    assert study.queue_states(later, ["abl-mamo-s1"], skip=frozenset({"5e5e5e5"})) == {"abl-mamo-s1": "running"}
 
 
 def _fake_dvc(monkeypatch, plan, existing=(), untracked=()):
@@ -171,9 +175,14 @@ def _fake_dvc(monkeypatch, plan, existing=(), untracked=()):
             return subprocess.CompletedProcess(cmd, 0, PARAMS.read_text(), "")
         calls.append(cmd[2:])  # drop "<python> -m"
         out = ""
-        if cmd[3:5] == ["queue", "status"]:
-            state = next(polls, "success")
-            out = "\n".join(f"abc123  {exp.name}  10:00 AM  {state.capitalize()}" for exp in plan)
+        if cmd[3:5] == ["queue", "status"]:  # an earlier study's task of each name stays listed
+            header = "Task     Name    Created    Status\n"
+            earlier = "".join(f"old{i:03d}  {exp.name}  09:00 AM  Success\n" for i, exp in enumerate(plan))
+            queued = any(c[1:3] == ["exp", "run"] for c in calls)
+            state = next(polls, "success") if queued else None
+            ours = "".join(f"abc{i:03d}  {exp.name}  10:00 AM  {state.capitalize()}\n"
+                           for i, exp in enumerate(plan)) if queued else ""
+            out = header + ours + earlier + "\nWorker status: 1 active, 0 idle\n"
 
         if cmd[3:5] == ["exp", "list"]:
             out = "\n".join(existing) + "\n"
@@ -198,12 +207,14 @@ def test_run_study_queues_waits_and_reports(monkeypatch, params) -> None:
     study.run_study(plan, jobs=2, dry_run=False, params=params, poll_s=0, cluster=server)
 
     assert calls[0] == ["dvc", "exp", "list", "--name-only"]
-    assert calls[1] == ["dvc", "exp", "run", "--queue", "--name", "abl-mamo-s0",
+    assert calls[1] == ["dvc", "queue", "status"]  # the tasks listed before this study's own
+    assert calls[2] == ["dvc", "exp", "run", "--queue", "--name", "abl-mamo-s0",
                         "-S", "++objective.variant=mamo", "-S", "++seed=0"]
-    assert calls[3] == ["dvc", "queue", "start", "-j", "2"]
-    assert [c[1:3] for c in calls[4:7]] == [["queue", "status"]] * 3
-    assert calls[7] == ["stages", "report", "--params", str(params)]
-    assert len(calls) == 8
+    assert calls[4] == ["dvc", "queue", "start", "-j", "2"]
+    # polled until this study's tasks finish: the earlier study's "Success" rows are not theirs
+    assert [c[1:3] for c in calls[5:8]] == [["queue", "status"]] * 3
+    assert calls[8] == ["stages", "report", "--params", str(params)]
+    assert len(calls) == 9
 
 
 def test_two_workers_on_one_sqlite_store_are_refused(monkeypatch, params) -> None:
