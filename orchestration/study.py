@@ -21,6 +21,7 @@ the compute of the full set; the experiment names say which (``-ep<E>``).
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -52,6 +53,8 @@ ABLATIONS: tuple[tuple[str, dict[str, str]], ...] = (
     ("denoise-text025", {"objective.variant": "denoising", "objective.text_mask_ratio": "0.25"}),
 )
 FINISHED = ("success", "failed", "killed", "stopped")
+# DVC's queue workers can stop while tasks still wait (iterative/dvc 10562): started again this often
+WORKER_RESTARTS = 3
 
 
 class StudyFailed(DmpError):
@@ -216,6 +219,19 @@ def queue_states(status_output: str, names: Sequence[str], skip: frozenset[str] 
     return states
 
 
+def workers_alive(status_output: str) -> Optional[int]:
+    """Active + idle workers from ``dvc queue status``'s last line (None: not listed)."""
+    match = re.search(r"Worker status: (\d+) active, (\d+) idle", status_output)
+    return int(match[1]) + int(match[2]) if match else None
+
+
+def _start_workers(starts: Sequence[tuple[dict, list[str]]], dvc: Sequence[str], cluster: ClusterSettings) -> None:
+    for env, cmd in starts:
+        _start_worker((list(dvc) if cmd[0] == "dvc" else [sys.executable]) + cmd[1:], env)
+        if cluster.gpus:
+            echo(f"study: queue worker started with CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}")
+
+
 def queue_tasks(status_output: str) -> frozenset[str]:
     """Task ids listed by ``dvc queue status`` (the first column of its rows)."""
     rows = status_output.split("\n\n")[0].splitlines()[1:]  # header first; "Worker status" after a blank line
@@ -318,15 +334,14 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
         _run(dvc + exp.command()[1:] + copy_args)
         echo(f"study: queued {exp.name} ({i}/{len(todo)})")
     if todo:
-        for env, cmd in starts:
-            _start_worker((dvc if cmd[0] == "dvc" else [sys.executable]) + cmd[1:], env)
-            if cluster.gpus:
-                echo(f"study: queue worker started with CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}")
+        _start_workers(starts, dvc, cluster)
     names = [exp.name for exp in todo]
     last = ""
     states: dict[str, str] = {}
+    dead_polls = restarts = 0
     while names:
-        states = queue_states(_run(dvc + ["queue", "status"]), names, skip=earlier)
+        status = _run(dvc + ["queue", "status"])
+        states = queue_states(status, names, skip=earlier)
         done = [n for n in names if states.get(n) in FINISHED]
         line = f"study: {len(done)}/{len(names)} finished, {sum(states.get(n) == 'running' for n in names)} running"
         if line != last:
@@ -334,6 +349,19 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
             last = line
         if len(done) == len(names):
             break
+        waiting = [n for n in names if states.get(n) == "queued"]
+        # two polls in a row, so that a worker still starting up is not taken for a stopped one
+        dead_polls = dead_polls + 1 if waiting and workers_alive(status) == 0 else 0
+        if dead_polls == 2:
+            if restarts == WORKER_RESTARTS:
+                raise StudyFailed(f"study: the queue workers stopped {restarts + 1} times with {len(waiting)} "
+                                  f"experiments waiting ({', '.join(waiting)}); see `dvc queue logs <name>`, "
+                                  f"then `dvc queue start` and `dmp report`")
+            restarts += 1
+            echo(f"study: no queue worker is alive and {len(waiting)} experiments wait (DVC stops workers early: "
+                 f"iterative/dvc 10562): starting them again ({restarts}/{WORKER_RESTARTS})")
+            _start_workers(starts, dvc, cluster)
+            dead_polls = 0
         time.sleep(poll_s)
     failed = [n for n in names if states.get(n) != "success"]
     if failed:

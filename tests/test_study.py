@@ -163,11 +163,13 @@ Worker status: 1 active, 0 idle
     assert study.queue_states(later, ["abl-mamo-s1"], skip=frozenset({"5e5e5e5"})) == {"abl-mamo-s1": "running"}
 
 
-def _fake_dvc(monkeypatch, plan, existing=(), untracked=()):
-    """A stand-in for subprocess.run: records the dvc calls and plays a queue; git status
-    reports ``untracked`` files."""
+def _fake_dvc(monkeypatch, plan, existing=(), untracked=(), states=("queued", "running", "success"), dead=0):
+    """A stand-in for subprocess.run: records the dvc calls and plays a queue whose tasks go
+    through ``states`` (one per poll) and whose first ``dead`` polls list no live worker; git
+    status reports ``untracked`` files."""
     calls: list[list[str]] = []
-    polls = iter(["queued", "running", "success"])
+    polls = iter(states)
+    dead_polls = iter([True] * dead)
     def fake_run(cmd, **kwargs):
         if cmd[:2] == ["git", "status"]:
             return subprocess.CompletedProcess(cmd, 0, "".join(f"?? {p}\0" for p in untracked), "")
@@ -182,7 +184,8 @@ def _fake_dvc(monkeypatch, plan, existing=(), untracked=()):
             state = next(polls, "success") if queued else None
             ours = "".join(f"abc{i:03d}  {exp.name}  10:00 AM  {state.capitalize()}\n"
                            for i, exp in enumerate(plan)) if queued else ""
-            out = header + ours + earlier + "\nWorker status: 1 active, 0 idle\n"
+            alive = 0 if queued and next(dead_polls, False) else 1
+            out = header + ours + earlier + f"\nWorker status: {alive} active, 0 idle\n"
 
         if cmd[3:5] == ["exp", "list"]:
             out = "\n".join(existing) + "\n"
@@ -215,6 +218,22 @@ def test_run_study_queues_waits_and_reports(monkeypatch, params) -> None:
     assert [c[1:3] for c in calls[5:8]] == [["queue", "status"]] * 3
     assert calls[8] == ["stages", "report", "--params", str(params)]
     assert len(calls) == 9
+
+
+def test_stopped_queue_workers_are_started_again_and_then_given_up(monkeypatch, params, capsys) -> None:
+    """DVC's workers can stop with tasks still queued (iterative/dvc 10562): the study starts them
+    again after two polls without a live worker, a bounded number of times."""
+    plan = study.ablation_plan(1)[:1]
+    calls = _fake_dvc(monkeypatch, plan, states=["queued"] * 4 + ["running", "success"], dead=3)
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)
+    starts = [c for c in calls if c[1:3] == ["queue", "start"]]
+    assert len(starts) == 2  # the first start, one restart (dead polls 1-2), poll 3 alone is not enough
+    assert "no queue worker is alive and 1 experiments wait" in capsys.readouterr().err
+
+    calls = _fake_dvc(monkeypatch, plan, states=["queued"] * 100, dead=100)
+    with pytest.raises(study.StudyFailed, match=r"queue workers stopped 4 times with 1 experiments waiting"):
+        study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)
+    assert sum(c[1:3] == ["queue", "start"] for c in calls) == 1 + study.WORKER_RESTARTS
 
 
 def test_two_workers_on_one_sqlite_store_are_refused(monkeypatch, params) -> None:
