@@ -350,8 +350,16 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
         if len(done) == len(names):
             break
         waiting = [n for n in names if states.get(n) == "queued"]
+        running = [n for n in names if states.get(n) == "running"]
         # two polls in a row, so that a worker still starting up is not taken for a stopped one
-        dead_polls = dead_polls + 1 if waiting and workers_alive(status) == 0 else 0
+        dead_polls = dead_polls + 1 if (waiting or running) and workers_alive(status) == 0 else 0
+        if dead_polls == 2 and not waiting:  # a task's own worker collects its results: none will
+            lost = running
+            echo(f"study: {len(lost)} experiments are marked running but no queue worker is alive to collect "
+                 f"them ({', '.join(lost)}; a worker was killed?): not waited for. `dvc queue logs NAME` shows how "
+                 f"far each got; re-running the study keeps the finished experiments, and their finished "
+                 f"stages come from the run cache")
+            break
         if dead_polls == 2:
             if restarts == WORKER_RESTARTS:
                 raise StudyFailed(f"study: the queue workers stopped {restarts + 1} times with {len(waiting)} "

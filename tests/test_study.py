@@ -236,6 +236,18 @@ def test_stopped_queue_workers_are_started_again_and_then_given_up(monkeypatch, 
     assert sum(c[1:3] == ["queue", "start"] for c in calls) == 1 + study.WORKER_RESTARTS
 
 
+def test_running_tasks_without_a_live_worker_are_not_waited_for(monkeypatch, params, capsys) -> None:
+    """A killed queue worker leaves its task "Running" for ever (seen with DVC 3.67: nothing
+    collects it, and a new worker does not take it up): the study reports without it."""
+    plan = study.ablation_plan(1)[:1]
+    calls = _fake_dvc(monkeypatch, plan, states=["running"] * 100, dead=100)
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)
+    assert sum(c[1:3] == ["queue", "status"] for c in calls) == 1 + 2  # before queueing, then two dead polls
+    assert calls[-1][:2] == ["stages", "report"]
+    err = capsys.readouterr().err
+    assert "1 experiments are marked running but no queue worker is alive" in err and "1 failed" in err
+
+
 def test_two_workers_on_one_sqlite_store_are_refused(monkeypatch, params) -> None:
     plan = study.ablation_plan(1)[:2]
     calls = _fake_dvc(monkeypatch, plan)
