@@ -197,6 +197,20 @@ class ObjectiveParams(_Section):
     # also the anchor's own caption with two colours / sizes exchanged or a spatial relation
     # reversed, as a negative of its image (dmp_core/losses/swaps.py; NegCLIP-style)
     itm_swap_negatives: bool = False
+    # ITM's loss. binary = the seed's 2-way ITM on one sampled hard (+ one uniform) negative per
+    # anchor and direction; listwise = one cross-entropy over each anchor's group (the positive
+    # and its itm_group_size ITC-nearest in-batch candidates of other images) on the residual
+    # score stop_grad(ITC similarity) / rerank_tau + the re-ranking head's correction
+    # (dmp_core/losses/rerank.py); both = the listwise loss on the groups plus the 2-way ITM on
+    # the same pairs and one uniform negative per anchor and direction (bench/README.md, "Re-ranking")
+    itm_loss: Literal["both", "listwise", "binary"] = "both"
+    itm_group_size: int = Field(3, ge=1)
+    # the ITC term's temperature in the residual score (ITC's own learned temperature
+    # saturates the group softmax; bench/README.md, "Re-ranking")
+    rerank_tau: float = Field(0.05, gt=0.0)
+    # ALBEF-style soft targets for the listwise loss: (1 - a) * one-hot + a * the ITC term's
+    # own softmax over the group (0 = one-hot)
+    itm_soft_targets: float = Field(0.0, ge=0.0, lt=1.0)
     w_mrm: float = Field(1.0, ge=0.0)
     w_mim: float = Field(1.0, ge=0.0)
     w_mlm: float = Field(1.0, ge=0.0)
@@ -292,6 +306,11 @@ class TrainParams(_Section):
     val_every: int = Field(250, ge=0)  # steps between val checks (best weights kept); 0 = once per epoch
     log_every: int = Field(10, ge=1)
     amp: Literal["auto", "bf16", "off"] = "auto"
+    # batches of groups of this many mutual ITC neighbours (by the stage's initial model, from
+    # each image's neighbour_pool nearest), so in-batch negatives look like the test's top-k;
+    # 0 = random batches (dmp_core/training/sampling.py)
+    neighbour_batches: int = Field(0, ge=0)
+    neighbour_pool: int = Field(16, ge=1)
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainParams":
@@ -314,6 +333,12 @@ class EvalParams(_Section):
     # ITM re-ranks the top k_test ITC candidates of every query: the seed protocol is 128
     # (Flickr, GPU); ITM costs ~1 ms per pair on 2 CPU cores, hence 16 here
     k_test: int = Field(16, ge=1)
+    # the residual re-ranker's knobs, chosen on the val split (never on the test split): the
+    # numbers of ITC candidates it may re-order (each <= k_test; null = min(10, k_test) and
+    # k_test; below 10 a gold pair outside the top-k counts as missed at R@10, as in ALBEF's
+    # protocol with k_test < 10) and the weights of the ITC term
+    rerank_ks: Optional[list[int]] = Field(None, min_length=1)
+    rerank_itc_weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
     batch_size: int = Field(128, ge=1)
     itm_batch_size: int = Field(256, ge=1)
     # rows of the similarity matrix handled at once (bounds memory on COCO's 5k x 25k)
@@ -327,6 +352,20 @@ class EvalParams(_Section):
     # the modality-use gaps mask at these ratios for every variant (comparable numbers)
     gap_text_mask_ratio: float = Field(0.4, gt=0.0, lt=1.0)
     gap_image_mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+
+    @property
+    def rerank_k_choices(self) -> list[int]:
+        """The candidate counts the val split chooses from (sorted, unique)."""
+        return sorted(set(self.rerank_ks or (min(10, self.k_test), self.k_test)))
+
+    @model_validator(mode="after")
+    def _rerank_ks_fit(self) -> "EvalParams":
+        bad = [k for k in self.rerank_ks or () if not 1 <= k <= self.k_test]
+        if bad:
+            raise ValueError(f"rerank_ks {bad}: each k must lie in 1..k_test ({self.k_test})")
+        if any(w <= 0 for w in self.rerank_itc_weights):
+            raise ValueError(f"rerank_itc_weights {self.rerank_itc_weights}: each weight must be > 0")
+        return self
 
 
 class TrackingParams(_Section):

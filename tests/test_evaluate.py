@@ -91,14 +91,19 @@ def test_retrieval_metrics_rejects_bad_shapes() -> None:
 
 
 # ------------------------------------------------------------ the real tiny model
-def _model(seed: int, prepared: Path):
-    """The real tiny DMPModel, randomly initialised with ``seed``."""
+def _model(seed: int, prepared: Path, zero_head: bool = False):
+    """The real tiny DMPModel, randomly initialised with ``seed``. A fresh model's re-ranking
+    head ends in a zero layer (no correction to ITC for any pair); unless ``zero_head``, that
+    layer is drawn at random too, so that the residual re-ranker re-orders."""
     from dmp_core.models import model_from_config
 
     torch.manual_seed(seed)
     cfg = tiny_config(model__pretrained=False)
     meta = json.loads((prepared / "meta.json").read_text())
-    return model_from_config(cfg, meta["vocab_size"]).eval()
+    model = model_from_config(cfg, meta["vocab_size"]).eval()
+    if not zero_head:
+        torch.nn.init.normal_(model.rank_head[-1].weight, std=0.5)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +118,28 @@ def model_and_exhaustive(tiny_data, split):
     return model, exhaustive_itm(model, enc, itm_batch_size=64)
 
 
-def test_rerank_with_k_covering_the_split_equals_exhaustive(split, model_and_exhaustive) -> None:
+@pytest.fixture(scope="module")
+def exhaustive_residual(split, model_and_exhaustive):
+    """The re-ranking head's correction r of every (image, text) pair, [images, texts]."""
+    from dmp_core.evaluation.retrieval import pair_scores
+
+    model = model_and_exhaustive[0]
+    enc = encode_split(model, split, batch_size=16, device="cpu")
+    images = torch.arange(split.n_images).repeat_interleave(split.n_texts)
+    texts = torch.arange(split.n_texts).repeat(split.n_images)
+    return pair_scores(model, enc, images, texts, 64)[1].numpy().reshape(split.n_images, split.n_texts)
+
+
+def test_rerank_with_k_covering_the_split_equals_exhaustive(split, model_and_exhaustive, exhaustive_residual) -> None:
     model, full = model_and_exhaustive
     scores = compute_scores(model, split, k_test=10_000, batch_size=16, itm_batch_size=64)  # k clipped
-    np.testing.assert_allclose(scores["i2t"], full, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(scores["t2i"], full.T, rtol=0, atol=1e-5)
-    assert not (scores["i2t"] == NOT_RERANKED).any()
+    np.testing.assert_allclose(scores["itm_i2t"], full, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores["itm_t2i"], full.T, rtol=0, atol=1e-5)
+    assert (scores["itm_i2t"] > NOT_RERANKED).all()
+    # the headline: the residual score w * s / tau + r on the same candidates
+    assert np.abs(exhaustive_residual).max() > 0.1  # the head re-orders
+    np.testing.assert_allclose(scores["i2t"], scores["itc_i2t"] / 0.05 + exhaustive_residual, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scores["itm_itc_i2t"], scores["itc_i2t"] + full, rtol=0, atol=1e-5)
 
 
 def test_rerank_keeps_top_k_and_chunking_changes_nothing(split, model_and_exhaustive) -> None:
@@ -126,19 +147,23 @@ def test_rerank_keeps_top_k_and_chunking_changes_nothing(split, model_and_exhaus
     k = 5
     one = compute_scores(model, split, k_test=k, batch_size=16, itm_batch_size=64, chunk_size=10_000)
     chunked = compute_scores(model, split, k_test=k, batch_size=7, itm_batch_size=9, chunk_size=3)
-    for key in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
-        np.testing.assert_allclose(chunked[key], one[key], rtol=0, atol=1e-5, err_msg=key)
+    for key in ("i2t", "t2i", "itm_i2t", "itm_t2i", "itc_i2t", "itc_t2i"):
+        np.testing.assert_allclose(chunked[key], one[key], rtol=0, atol=1e-4, err_msg=key)
 
     for query in range(split.n_images):  # loops: an independent check of the top-k rule
-        kept = [t for t in range(split.n_texts) if one["i2t"][query, t] != NOT_RERANKED]
+        kept = [t for t in range(split.n_texts) if one["itm_i2t"][query, t] > NOT_RERANKED]
         assert len(kept) == k
         ranked = sorted(range(split.n_texts), key=lambda t: -one["itc_i2t"][query, t])
         kth = one["itc_i2t"][query, ranked[k - 1]]  # ties at the k-th score (duplicate captions) may go either way
         assert all(one["itc_i2t"][query, t] >= kth for t in kept)
         assert set(ranked[:k]) - set(kept) <= {t for t in ranked if one["itc_i2t"][query, t] == kth}
         for t in kept:
-            assert one["i2t"][query, t] == pytest.approx(full[query, t], abs=1e-5)
-    assert ((one["t2i"] != NOT_RERANKED).sum(axis=1) == k).all()
+            assert one["itm_i2t"][query, t] == pytest.approx(full[query, t], abs=1e-5)
+        # the rest stay below every candidate, in ITC's order
+        rest = [t for t in ranked if t not in kept]
+        assert max(one["itm_i2t"][query, rest]) < min(one["itm_i2t"][query, kept])
+        assert all(one["itm_i2t"][query, a] >= one["itm_i2t"][query, b] for a, b in zip(rest, rest[1:]))
+    assert ((one["itm_t2i"] > NOT_RERANKED).sum(axis=1) == k).all()
 
 
 def _save_weights(model, path: Path) -> Path:
@@ -175,7 +200,7 @@ def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path
     np.testing.assert_array_equal(npz["i2t"], npz["finetune_i2t"])
     txt2img = npz["txt2img"].tolist()
     for name in ("pretrain", "finetune"):
-        for scorer, prefix in (("itm", ""), ("itc", "itc_")):
+        for scorer, prefix in (("rerank", ""), ("itm", "itm_"), ("itc", "itc_")):
             reference = brute_force_recall(npz[f"{name}_{prefix}i2t"], npz[f"{name}_{prefix}t2i"], txt2img)
             got = on_disk["models"][name][scorer]
             for key, value in reference.items():
@@ -195,18 +220,41 @@ def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path
     # metrics.json: the headline subset, the same numbers
     headline = json.loads((reports / "evaluate/metrics.json").read_text())
     ft = on_disk["models"]["finetune"]
-    assert headline["finetune"] == {**{k: ft["itm"][k] for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5",
-                                                                   "ir_r10", "r_mean")},
-                                    "itc_r_mean": ft["itc"]["r_mean"]}
+    assert headline["finetune"] == {**{k: ft["rerank"][k] for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5",
+                                                                      "ir_r10", "r_mean")},
+                                    "itc_r_mean": ft["itc"]["r_mean"], "itm_r_mean": ft["itm"]["r_mean"]}
     assert headline["pretrain"] == {"itc_r_mean": on_disk["models"]["pretrain"]["itc"]["r_mean"]}
     pre = on_disk["models"]["pretrain"]["diagnostics"]
     assert headline["diagnostics"] == {
         "finetune_itm_auc": ft["diagnostics"]["itm_auc"],
         "finetune_itm_auc_random": ft["diagnostics"]["itm_auc_random"],
+        "finetune_rerank_net": ft["diagnostics"]["rerank_net"],
+        "finetune_rerank_k": ft["diagnostics"]["rerank_k"],
+        "finetune_rerank_itc_weight": ft["diagnostics"]["rerank_itc_weight"],
         "pretrain_image_use_gap": pre["image_use_gap"],
         "pretrain_image_use_gap_rel": pre["image_use_gap_rel"],
         "pretrain_text_use_gap_rel": pre["text_use_gap_rel"]}
     assert pre["image_use_gap_rel"] == pytest.approx(pre["image_use_gap"] / pre["mlm_loss_matched"])
+
+
+def test_zero_head_reranks_to_the_exact_itc_ranks(tiny_data, split, tmp_path) -> None:
+    """The evaluate stage on a model whose ITM head is still at zero: the residual
+    re-ranker's ranks equal the ITC-only ranks, query for query, whatever k and ITC weight
+    the val split chose; the seed's scorer (the margin alone, all tied at 0) does not."""
+    cfg = tiny_config(eval__k_test=12, eval__rerank_ks=[4, 12], eval__rerank_itc_weights=[0.5, 3.0])
+    models = {"finetune": _save_weights(_model(3, tiny_data["prepared"], zero_head=True),
+                                        tmp_path / "models/finetune/model.safetensors")}
+    details = run_evaluate(cfg, tiny_data["prepared"], models, tmp_path / "reports", device="cpu", log_mlflow=False)
+    ranks = np.load(tmp_path / "reports/evaluate/ranks.npz")
+    for direction in ("tr", "ir"):
+        np.testing.assert_array_equal(ranks[f"finetune_rerank_{direction}"], ranks[f"finetune_itc_{direction}"])
+    entry = details["models"]["finetune"]
+    assert entry["rerank"] == entry["itc"]
+    assert entry["rerank_choice"]["k"] in (4, 12) and entry["rerank_choice"]["itc_weight"] in (0.5, 3.0)
+    diag = entry["diagnostics"]
+    assert diag["rerank_up"] == diag["rerank_down"] == diag["rerank_net"] == 0
+    assert diag["rerank_same"] == diag["rerank_queries"] > 0
+    assert diag["itm_down"] > 0  # ties at margin 0 count against the query: the seed's scorer loses here
 
 
 def _assert_clusters_are_the_binding_groups(clusters: np.ndarray, images_json: Path) -> None:

@@ -295,3 +295,67 @@ def test_itc_and_vicreg_at_world_size_2_equal_the_concatenated_batch():
     for rank in range(2):
         loss, same_grads = results[rank]
         assert loss == pytest.approx(reference[0], rel=1e-6) and same_grads
+
+
+# ------------------------------------------------------------------ listwise ITM (rerank.py)
+def test_neighbour_groups_are_the_nearest_allowed_candidates_in_order():
+    from dmp_core.losses.rerank import neighbour_groups
+
+    image_ids = torch.tensor([0, 0, 1, 2, 3])
+    texts = torch.tensor([[5, 6], [7, 8], [9, 9], [5, 6], [1, 2]])  # row 3 repeats row 0's caption
+    sim = torch.tensor([[9.0, 8.0, 1.0, 7.0, 2.0],
+                        [8.0, 9.0, 3.0, 1.0, 2.0],
+                        [1.0, 2.0, 9.0, 3.0, 4.0],
+                        [7.0, 0.0, 5.0, 9.0, 6.0],
+                        [0.0, 1.0, 2.0, 3.0, 9.0]])
+    index, valid = neighbour_groups(sim, image_ids, 2, texts=texts)
+    # row 0: never its own image (cols 0, 1) nor the identical caption (col 3): cols 4, 2 by similarity
+    assert index[0].tolist() == [4, 2] and valid[0].all()
+    assert index[1].tolist() == [2, 4] and index[2].tolist() == [4, 3] and index[3].tolist() == [4, 2]
+    # a loop over rows as the reference of the rule, with k larger than what is allowed
+    index, valid = neighbour_groups(sim, image_ids, 4, texts=texts)
+    for r in range(5):
+        allowed = [c for c in range(5) if image_ids[c] != image_ids[r] and not torch.equal(texts[c], texts[r])]
+        want = sorted(allowed, key=lambda c: -float(sim[r, c]))
+        assert index[r][valid[r]].tolist() == want and int(valid[r].sum()) == len(want)
+
+
+def test_neighbour_groups_uniform_draws_stay_allowed():
+    from dmp_core.losses.rerank import neighbour_groups
+
+    image_ids = torch.arange(8).repeat_interleave(2)
+    g = torch.Generator().manual_seed(0)
+    index, valid = neighbour_groups(None, image_ids, 3, generator=g)
+    assert valid.all() and (image_ids[index] != image_ids[:, None]).all()
+    assert len({tuple(row) for row in index.tolist()}) > 1
+
+
+def test_listwise_loss_is_cross_entropy_over_the_valid_group():
+    from dmp_core.losses.rerank import listwise_loss, residual_scores
+
+    sim = torch.tensor([[0.5, 0.4, 0.45], [0.2, 0.9, 0.0]])
+    margin = torch.tensor([[1.0, 0.0, 0.5], [0.0, -1.0, 3.0]], requires_grad=True)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    z = residual_scores(sim, margin, tau=0.1)
+    out = listwise_loss(z, valid)
+    row0 = -torch.log_softmax(torch.tensor([5.0 + 1.0, 4.0, 4.5 + 0.5]), 0)[0]
+    row1 = -torch.log_softmax(torch.tensor([2.0, 9.0 - 1.0]), 0)[0]  # the invalid column never counts
+    assert float(out["loss"].detach()) == pytest.approx(float((row0 + row1) / 2), rel=1e-6)
+    assert float(out["acc"]) == 0.5
+    out["loss"].backward()
+    assert margin.grad[1, 2] == 0  # no gradient to an invalid candidate
+    # soft targets: a distribution over the group instead of the one-hot positive
+    soft = torch.tensor([[0.6, 0.2, 0.2], [1.0, 0.0, 0.0]])
+    got = listwise_loss(z.detach(), valid, soft)["loss"]
+    logp0 = torch.log_softmax(torch.tensor([6.0, 4.0, 5.0]), 0)
+    want = (-(soft[0] * logp0).sum() + row1) / 2
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_residual_score_leaves_itc_alone_at_a_zero_margin_and_stops_its_gradient():
+    from dmp_core.losses.rerank import residual_scores
+
+    sim = torch.tensor([0.3, -0.2], requires_grad=True)
+    z = residual_scores(sim, torch.zeros(2), tau=0.05, itc_weight=2.0)
+    assert torch.allclose(z, torch.tensor([12.0, -8.0]))
+    assert not z.requires_grad  # stop_grad(sim): the re-ranker never moves the retriever

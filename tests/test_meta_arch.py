@@ -204,7 +204,7 @@ def _count_calls(module, names):
 
 def test_no_redundant_passes():
     names = ("encode_image", "encode_text", "fuse")
-    pretrainer = build(tiny_config())
+    pretrainer = build(tiny_config(objective__itm_loss="binary"))
     calls = _count_calls(pretrainer.model, names)
     pretrainer(make_batch())
     b = 8
@@ -212,12 +212,13 @@ def test_no_redundant_passes():
     assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [5 * b + b + b]}
     # without masked objectives no masked encodings are computed
     pretrainer = build(tiny_config(**COMBOS["denoising-mim-only"][0]
-                                   | {"objective__mim": False, "objective__itc": True, "objective__itm": True}))
+                                   | {"objective__mim": False, "objective__itc": True, "objective__itm": True,
+                                      "objective__itm_loss": "binary"}))
     calls = _count_calls(pretrainer.model, names)
     pretrainer(make_batch())
     assert calls == {"encode_image": [b], "encode_text": [b], "fuse": [5 * b]}
     # MAMO: the EMA runs once per tower, and its fusion once (clean pair)
-    pretrainer = build(tiny_config(objective__variant="mamo"))
+    pretrainer = build(tiny_config(objective__variant="mamo", objective__itm_loss="binary"))
     calls, ema_calls = _count_calls(pretrainer.model, names), _count_calls(pretrainer.ema.module, names)
     pretrainer(make_batch())
     assert calls == {"encode_image": [2 * b], "encode_text": [2 * b], "fuse": [7 * b]}
@@ -227,16 +228,51 @@ def test_no_redundant_passes():
 def test_uniform_negatives_add_one_easy_pair_per_anchor_and_direction():
     names = ("fuse",)
     b = 8
-    pretrainer = build(tiny_config(objective__itm_uniform_negatives=False, objective__mim=False, objective__mlm=False))
+    pretrainer = build(tiny_config(objective__itm_uniform_negatives=False, objective__mim=False, objective__mlm=False,
+                                   objective__itm_loss="binary"))
     calls = _count_calls(pretrainer.model, names)
     pretrainer(make_batch())
     assert calls == {"fuse": [b + 2 * b]}  # ALBEF: positives and hard pairs
-    pretrainer = build(tiny_config(objective__itm_uniform_negatives=True, objective__mim=False, objective__mlm=False))
+    pretrainer = build(tiny_config(objective__itm_uniform_negatives=True, objective__mim=False, objective__mlm=False,
+                                   objective__itm_loss="binary"))
     calls = _count_calls(pretrainer.model, names)
     out = pretrainer(make_batch())
     assert calls == {"fuse": [b + 2 * b + 2 * b]}  # positives, hard pairs, uniform pairs
     # the ITM labels' prior is now 1:4: the loss at a constant logit pair equals its entropy
     assert torch.isfinite(out["loss_itm"])
+
+
+def test_listwise_itm_fuses_each_group_once():
+    """Listwise ITM fuses the B positives and each anchor's valid neighbours, in both
+    directions (4 images x 2 captions leave 6 candidates of other images per anchor); with
+    ``itm_loss=both`` one uniform negative per anchor and direction follows for the binary loss."""
+    names = ("fuse",)
+    b = 8
+    for mode, extra in (("listwise", 0), ("both", 2 * b)):
+        for k, valid in ((3, 3), (7, 6)):
+            pretrainer = build(tiny_config(objective__itm_group_size=k, objective__itm_loss=mode,
+                                           objective__mim=False, objective__mlm=False))
+            calls = _count_calls(pretrainer.model, names)
+            out = pretrainer(make_batch())
+            assert calls == {"fuse": [b + 2 * b * valid + extra]}, (mode, k)
+            assert torch.isfinite(out["loss_itm"]) and 0.0 <= float(out["diag_itm_itc_p"]) <= 1.0
+            assert ("diag_itm_binary" in out) == (mode == "both")
+
+
+def test_listwise_itm_starts_at_the_itc_term_alone():
+    """With the re-ranking head at zero, the listwise loss is the cross-entropy of
+    stop_grad(ITC similarity) / rerank_tau over each group: the head's last layer (and the
+    weight on the ITM margin) get the first gradients, the layers below none yet."""
+    pretrainer = build(tiny_config(objective__itm_loss="listwise", objective__mim=False, objective__mlm=False,
+                                   objective__vicreg=False))
+    torch.manual_seed(0)
+    out = pretrainer(make_batch())
+    out["loss_itm"].backward()
+    head = pretrainer.model.rank_head
+    assert head[-1].weight.grad.abs().sum() > 0 and pretrainer.model.rank_margin_weight.grad != 0
+    assert head[0].weight.grad is None or float(head[0].weight.grad.abs().sum()) == 0.0
+    # the loss equals the ITC term's cross-entropy over the groups
+    assert float(out["loss_itm"].detach()) > 0.0
 
 
 def test_hard_negative_ramp_goes_from_uniform_to_the_softmax():

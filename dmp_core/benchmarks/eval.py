@@ -76,8 +76,8 @@ def bench_eval(
     t_full = time.perf_counter() - t0
 
     base = {"txt2img": data.txt2img, "itc_i2t": itc_i2t, "itc_t2i": np.ascontiguousarray(itc_i2t.T)}
-    reranked = metrics_from_scores({**base, "i2t": i2t, "t2i": t2i})
-    exhaustive = metrics_from_scores({**base, "i2t": full, "t2i": np.ascontiguousarray(full.T)})
+    reranked = metrics_from_scores({**base, "itm_i2t": i2t, "itm_t2i": t2i})
+    exhaustive = metrics_from_scores({**base, "itm_i2t": full, "itm_t2i": np.ascontiguousarray(full.T)})
     recall_keys = [k for k in reranked if k.startswith("itm_") and "_r" in k and k[-1].isdigit()]
     max_diff = max(abs(reranked[k] - exhaustive[k]) for k in recall_keys)
     n_pairs_rerank = data.n_images * min(cfg.eval.k_test, data.n_texts) + data.n_texts * min(cfg.eval.k_test, data.n_images)

@@ -5,7 +5,7 @@ prior makes re-ranked recall noise, and a fusion that ignores the image makes "M
 conditioned on the image" plain language modelling. Three measurements, each on the
 evaluated split, each a difference the model can only produce by using a modality:
 
-* **ITM AUC** (:func:`itm_auc`): per query, the ROC-AUC of the ITM match logit over
+* **ITM AUC** (:func:`itm_auc`): per query, the ROC-AUC of the ITM margin (l1 - l0) over
   exactly the candidates re-ranking orders (the query's ITC top-k, gold among them),
   averaged over queries in both directions; beside it the same against random negatives
   (does ITM match at all?). 0.5 = the head cannot order them.
@@ -69,7 +69,7 @@ def itm_auc(model: torch.nn.Module, enc: EncodedSplit, sim_i2t: np.ndarray, txt2
     """Per-query ITM AUCs, each averaged over queries, with a bootstrap interval over queries.
 
     * ``itm_auc`` -- what re-ranking needs: for each query (``n_queries`` images and
-      ``n_queries`` captions spread over the split), the ROC-AUC of the ITM match logit
+      ``n_queries`` captions spread over the split), the ROC-AUC of the ITM margin (l1 - l0)
       over exactly the candidates re-ranking orders, the query's ITC top-``k``: gold
       candidates (label 1) against the others (label 0). Queries whose top-k holds no gold
       or only gold have no order to fix and are left out (``n_auc_queries`` counts the
@@ -135,6 +135,22 @@ def itm_auc(model: torch.nn.Module, enc: EncodedSplit, sim_i2t: np.ndarray, txt2
             "itm_auc_i2t": mean(per_kind["i2t"]), "itm_auc_t2i": mean(per_kind["t2i"]),
             "itm_auc_random": mean(random), "itm_auc_random_lo": rlo, "itm_auc_random_hi": rhi,
             "n_auc_queries": int(len(topk)), "n_auc_pairs": int(len(flat)), "n_auc_identical": identical}
+
+
+def rerank_moves(itc_ranks: tuple[np.ndarray, np.ndarray], reranked_ranks: tuple[np.ndarray, np.ndarray], k: int,
+                 prefix: str = "rerank") -> dict[str, int]:
+    """What re-ranking did to each query whose gold lies in its ITC top-``k`` (the only ones it
+    can move): the gold moved up, down or stayed, and the net promotions (up - down).
+
+    ``itc_ranks`` and ``reranked_ranks`` are (text-retrieval ranks [images], image-retrieval
+    ranks [texts]) of the same split (0-based, :func:`retrieval_ranks`). R@1 depends on the
+    head of the list, which an AUC over the top-k does not see: these counts do."""
+    itc = np.concatenate([np.asarray(r) for r in itc_ranks])
+    moved = np.concatenate([np.asarray(r) for r in reranked_ranks])
+    inside = itc < k
+    up, down = int(((moved < itc) & inside).sum()), int(((moved > itc) & inside).sum())
+    return {f"{prefix}_up": up, f"{prefix}_down": down, f"{prefix}_same": int(inside.sum()) - up - down,
+            f"{prefix}_net": up - down, f"{prefix}_queries": int(inside.sum())}
 
 
 def _pairs(data: RetrievalSplit, n_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

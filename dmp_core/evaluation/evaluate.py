@@ -17,15 +17,17 @@ from dmp_core.config import Config
 from dmp_core.errors import DataError
 from dmp_core.io import save_npz, write_json
 from dmp_core.tracking import read_run_json, resolve_tracking_uri
-from dmp_core.evaluation.retrieval import (RetrievalSplit, encode_split, img2txt_from_txt2img, itc_similarity,
-                                           load_model, pick_device, read_vocab_size, rerank, retrieval_metrics,
-                                           retrieval_ranks)
+from dmp_core.evaluation.retrieval import (SCORE_KEYS, RetrievalSplit, choose_rerank, encode_split,
+                                           img2txt_from_txt2img, itc_similarity, load_model, pick_device,
+                                           read_vocab_size, rerank_candidates, retrieval_metrics, retrieval_ranks,
+                                           scorer_matrices)
 
 
 def mlflow_values(entry: Mapping[str, Any]) -> dict[str, float]:
     """One model's details entry as flat MLflow metric names: ``itm_r_mean``,
     ``itc_tr_r1``, ``diag_itm_auc``, ``diag_image_use_gap`` ... (None values left out)."""
-    values = {f"{scorer}_{k}": v for scorer in ("itm", "itc") for k, v in entry[scorer].items()}
+    values = {f"{scorer}_{k}": v for scorer in SCORE_KEYS for k, v in entry.get(scorer, {}).items()}
+    values |= {f"rerank_chosen_{k}": v for k, v in entry.get("rerank_choice", {}).items() if k in ("k", "itc_weight")}
     values |= {f"diag_{k}": v for k, v in entry.get("diagnostics", {}).items()}
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
 
@@ -59,7 +61,10 @@ def log_to_mlflow(cfg: Config, details: Mapping[str, Any], reports_dir: str | Pa
 
 
 # ----------------------------------------------------------------------- the stage
-HEADLINE_SCORER = "itm"  # the ALBEF protocol: ITC top-k candidates re-ranked by ITM
+# the residual re-ranker (ITC top-k re-ordered by w * ITC / tau + ITM margin); the seed's
+# scorer, the ITM margin alone on the same candidates (ALBEF), is reported beside it
+HEADLINE_SCORER = "rerank"
+SEED_SCORER = "itm"
 METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
 
 
@@ -72,16 +77,31 @@ def headline_metrics(details: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "finetune" in models:
         ft = models["finetune"]
-        out["finetune"] = {k: ft[HEADLINE_SCORER][k] for k in METRIC_KEYS} | {"itc_r_mean": ft["itc"]["r_mean"]}
+        out["finetune"] = {k: ft[HEADLINE_SCORER][k] for k in METRIC_KEYS} | {
+            "itc_r_mean": ft["itc"]["r_mean"], "itm_r_mean": ft[SEED_SCORER]["r_mean"]}
     if "pretrain" in models:  # zero-shot: ITC, the first-stage ranking every variant has
         out["pretrain"] = {"itc_r_mean": models["pretrain"]["itc"]["r_mean"]}
     diags = {}
-    for name, key in (("finetune", "itm_auc"), ("finetune", "itm_auc_random"), ("pretrain", "image_use_gap"),
+    for name, key in (("finetune", "itm_auc"), ("finetune", "itm_auc_random"), ("finetune", "rerank_net"),
+                      ("finetune", "rerank_k"), ("finetune", "rerank_itc_weight"), ("pretrain", "image_use_gap"),
                       ("pretrain", "image_use_gap_rel"), ("pretrain", "text_use_gap_rel")):
         if name in models:
             diags[f"{name}_{key}"] = models[name]["diagnostics"].get(key)
     out["diagnostics"] = diags
     return out
+
+
+def tune_rerank(model: torch.nn.Module, cfg: Config, val: RetrievalSplit, device: torch.device | str) -> dict[str, Any]:
+    """The residual re-ranker's k and ITC weight, chosen on the val split
+    (``eval.rerank_ks`` x ``eval.rerank_itc_weights``; :func:`choose_rerank`), with the
+    ``tau`` of the objective. The test split never chooses anything."""
+    ev = cfg.eval
+    enc = encode_split(model, val, ev.batch_size, device)
+    sim = itc_similarity(enc, ev.chunk_size)
+    cands = rerank_candidates(model, enc, sim, max(ev.rerank_k_choices), ev.itm_batch_size, ev.chunk_size)
+    tau = cfg.objective.rerank_tau
+    choice = choose_rerank(cands, sim, val.txt2img, ev.rerank_k_choices, ev.rerank_itc_weights, tau)
+    return {**choice, "tau": tau, "split": "val", "val_images": val.n_images, "val_texts": val.n_texts}
 
 
 def run_evaluate(
@@ -111,7 +131,7 @@ def run_evaluate(
 
     ``reports_dir`` holds the ``<stage>/run.json`` files whose MLflow runs receive the
     metrics. Returns the details dict."""
-    from dmp_core.evaluation.diagnostics import itm_auc, modality_gaps
+    from dmp_core.evaluation.diagnostics import itm_auc, modality_gaps, rerank_moves
     from dmp_core.training.dataset import read_image_clusters, read_meta
     from dmp_core.losses.masking import SpecialTokens
     from dmp_core.stats import chance_recall
@@ -140,26 +160,40 @@ def run_evaluate(
     clusters = read_image_clusters(Path(prepared_dir) / cfg.eval.split, data.n_images)
     ranks: dict[str, np.ndarray] = {"txt2img": txt2img, "clusters": clusters}
     last: dict[str, np.ndarray] = {}
+    val = RetrievalSplit.from_prepared(prepared_dir, "val")
     for name, weights in models.items():
         model = load_model(cfg, weights, vocab_size, device)
+        choice = tune_rerank(model, cfg, val, device)
         data_enc = encode_split(model, data, cfg.eval.batch_size, device)
         itc_i2t = itc_similarity(data_enc, cfg.eval.chunk_size)
-        i2t, t2i = rerank(model, data_enc, itc_i2t, cfg.eval.k_test, cfg.eval.itm_batch_size, cfg.eval.chunk_size)
-        scores = {"i2t": i2t, "t2i": t2i, "itc_i2t": itc_i2t, "itc_t2i": np.ascontiguousarray(itc_i2t.T)}
+        cands = rerank_candidates(model, data_enc, itc_i2t, cfg.eval.k_test, cfg.eval.itm_batch_size,
+                                  cfg.eval.chunk_size)
+        scores = {"itc_i2t": itc_i2t, "itc_t2i": np.ascontiguousarray(itc_i2t.T)}
+        scores["i2t"], scores["t2i"] = scorer_matrices(cands, itc_i2t, HEADLINE_SCORER, k=choice["k"],
+                                                       itc_weight=choice["itc_weight"], tau=choice["tau"])
+        for scorer in ("itm", "itm_itc"):
+            a, b = SCORE_KEYS[scorer]
+            scores[a], scores[b] = scorer_matrices(cands, itc_i2t, scorer)
         entry: dict[str, Any] = {}
-        for scorer, (a, b) in {"itm": ("i2t", "t2i"), "itc": ("itc_i2t", "itc_t2i")}.items():
+        for scorer, (a, b) in SCORE_KEYS.items():
             entry[scorer] = retrieval_metrics(scores[a], scores[b], txt2img, img2txt)
             tr, ir = retrieval_ranks(scores[a], scores[b], txt2img, img2txt)
             ranks[f"{name}_{scorer}_tr"], ranks[f"{name}_{scorer}_ir"] = tr.astype(np.int32), ir.astype(np.int32)
+        entry["rerank_choice"] = choice
         diag = itm_auc(model, data_enc, itc_i2t, txt2img, k=cfg.eval.k_test, n_queries=cfg.eval.diag_queries,
                        itm_batch_size=cfg.eval.itm_batch_size, input_ids=data.input_ids)
+        itc_ranks = (ranks[f"{name}_itc_tr"], ranks[f"{name}_itc_ir"])
+        for scorer, k in ((HEADLINE_SCORER, choice["k"]), (SEED_SCORER, cfg.eval.k_test)):
+            moved = (ranks[f"{name}_{scorer}_tr"], ranks[f"{name}_{scorer}_ir"])
+            diag.update(rerank_moves(itc_ranks, moved, k, prefix=scorer))
+        diag["rerank_k"], diag["rerank_itc_weight"] = choice["k"], choice["itc_weight"]
         diag.update(modality_gaps(model, data, cfg, special))
         entry["diagnostics"] = diag
         details["models"][name] = entry
-        for key, value in scores.items():
-            arrays[f"{name}_{key}"] = value
-        last = scores
-        del model, data_enc
+        for key in ("i2t", "t2i", "itm_i2t", "itm_t2i", "itc_i2t", "itc_t2i"):
+            arrays[f"{name}_{key}"] = scores[key]
+        last = {key: scores[key] for key in ("i2t", "t2i", "itc_i2t", "itc_t2i")}
+        del model, data_enc, cands
     arrays.update(last)
     arrays["txt2img"] = txt2img
     details["eval_seconds"] = round(time.perf_counter() - start, 1)

@@ -2,19 +2,23 @@
 
 1. Encode every image and every caption of the split once.
 2. ITC similarity ``S = img_emb @ txt_emb.T`` for all pairs (computed in row chunks).
-3. For each image, its top-``k_test`` captions by ``S`` are re-scored with the ITM
-   match logit of the fused pair; every other entry gets ``-100``. The same for
-   each caption over images.
-4. Text retrieval rank of an image = best rank among its gold captions; image
+3. For each image, its top-``k_test`` captions by ``S`` are fused and scored by the ITM
+   head's margin ``m = l1 - l0``; the same for each caption over images. Every pair
+   outside a query's top-k scores below all of its candidates (``-100`` and below), in
+   ITC's order.
+4. Each scorer (:data:`SCORERS`) orders the candidates: the headline ``rerank`` is the
+   residual score ``w * S / tau + r`` (r: the re-ranking head's correction,
+   :mod:`dmp_core.losses.rerank`; ``k`` and ``w``
+   chosen on the val split by :func:`choose_rerank`), ``itm`` the margin alone (ALBEF,
+   the seed), ``itm_itc`` the margin plus ``S`` (BLIP); ``itc`` is ``S`` alone.
+5. Text retrieval rank of an image = best rank among its gold captions; image
    retrieval rank of a caption = rank of its image. ``R@K = 100 * mean(rank < K)``.
-
-Both the re-ranked (``itm_*``) and the ITC-only (``itc_*``) metrics are reported.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -177,18 +181,27 @@ def encode_split(model: torch.nn.Module, data: RetrievalSplit, batch_size: int, 
     )
 
 
-@torch.inference_mode()
 def itm_scores(
     model: torch.nn.Module, enc: EncodedSplit, image_idx: torch.Tensor, text_idx: torch.Tensor, itm_batch_size: int
 ) -> torch.Tensor:
-    """ITM match logits (column 1) of the fused pairs (image_idx[p], text_idx[p]), in batches.
+    """ITM margins ``l1 - l0`` of the fused pairs (image_idx[p], text_idx[p]) (:func:`pair_scores`)."""
+    return pair_scores(model, enc, image_idx, text_idx, itm_batch_size)[0]
+
+
+@torch.inference_mode()
+def pair_scores(
+    model: torch.nn.Module, enc: EncodedSplit, image_idx: torch.Tensor, text_idx: torch.Tensor, itm_batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ITM margins ``l1 - l0``, re-ranking corrections r) of the fused pairs
+    (image_idx[p], text_idx[p]) (:meth:`DMPModel.pair_scores`), in batches.
 
     Pairs are grouped by caption length and each batch is cut to its longest caption: with
     the additive padding mask, padding never changes a real token's state, so this only
     saves the fusion work on padding (captions average ~14 of 32 tokens here)."""
     out = torch.empty(len(image_idx), dtype=torch.float32)
+    residual = torch.empty(len(image_idx), dtype=torch.float32)
     if len(image_idx) == 0:
-        return out
+        return out, residual
     dtype = next(model.parameters()).dtype
     lengths = enc.text_mask.sum(dim=1).cpu()
     order = torch.argsort(lengths[text_idx.cpu()], descending=True, stable=True)
@@ -199,8 +212,9 @@ def itm_scores(
         width = int(lengths[tx.cpu()].max())
         mask = enc.text_mask[tx, :width]
         joint = model.fuse(enc.image_states[im].to(dtype), enc.text_states[tx, :width].to(dtype), mask)
-        out[rows] = model.itm_logits(joint, mask)[:, 1].float().cpu()
-    return out
+        margin, correction = model.pair_scores(joint, mask)
+        out[rows], residual[rows] = margin.float().cpu(), correction.float().cpu()
+    return out, residual
 
 
 def itc_similarity(enc: EncodedSplit, chunk_size: int = 1024) -> np.ndarray:
@@ -213,40 +227,105 @@ def itc_similarity(enc: EncodedSplit, chunk_size: int = 1024) -> np.ndarray:
     return sim
 
 
+@dataclass
+class Candidates:
+    """Every query's ITC top-``k`` and the fused scores of each (query, candidate) pair.
+
+    ``i2t_top`` [images, k] holds text ids and ``t2i_top`` [texts, k] image ids (k clipped
+    to the number of texts / images), each row in ITC order (best first); ``*_margin`` the
+    ITM margins and ``*_residual`` the re-ranking head's corrections at the same places. Every
+    scorer of :data:`SCORERS` re-orders a prefix of these lists (:func:`scorer_matrices`)."""
+
+    k: int
+    i2t_top: np.ndarray
+    t2i_top: np.ndarray
+    i2t_margin: np.ndarray
+    t2i_margin: np.ndarray
+    i2t_residual: np.ndarray  # the re-ranking head's correction r at the same places
+    t2i_residual: np.ndarray
+
+
+# the scorers of the re-ranking stage (each on the ITC top-k), besides "itc" (ITC alone)
+SCORERS = {
+    "rerank": "w * ITC similarity / tau + the re-ranking head's correction (residual listwise; k and w chosen on val)",
+    "itm": "ITM margin alone (ALBEF, the seed)",
+    "itm_itc": "ITM margin + ITC similarity (BLIP)",
+}
+
+
+def rerank_candidates(model: torch.nn.Module, enc: EncodedSplit, sim_i2t: np.ndarray, k_test: int,
+                      itm_batch_size: int, chunk_size: int = 1024) -> Candidates:
+    """The ITC top-``k_test`` of every image and caption query, and their ITM margins.
+
+    A pair that is a candidate in both directions (every gold pair of a good model) is
+    fused once. Candidates are chosen ``chunk_size`` queries at a time."""
+    n_images, n_texts = sim_i2t.shape
+    sim = torch.from_numpy(sim_i2t)
+    k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)  # clipped to the split
+    i2t_top = torch.cat([sim[s : s + chunk_size].topk(k_i2t, dim=1).indices for s in range(0, n_images, chunk_size)])
+    t2i_top = torch.cat([sim[:, s : s + chunk_size].T.topk(k_t2i, dim=1).indices for s in range(0, n_texts, chunk_size)])
+    i2t_pairs = torch.arange(n_images).repeat_interleave(k_i2t) * n_texts + i2t_top.reshape(-1)
+    t2i_pairs = t2i_top.reshape(-1) * n_texts + torch.arange(n_texts).repeat_interleave(k_t2i)
+    unique, inverse = torch.unique(torch.cat([i2t_pairs, t2i_pairs]), return_inverse=True)
+    margins, residuals = (x[inverse].numpy() for x in
+                          pair_scores(model, enc, unique // n_texts, unique % n_texts, itm_batch_size))
+    n = len(i2t_pairs)
+    return Candidates(k=k_test, i2t_top=i2t_top.numpy(), t2i_top=t2i_top.numpy(),
+                      i2t_margin=margins[:n].reshape(n_images, k_i2t), t2i_margin=margins[n:].reshape(n_texts, k_t2i),
+                      i2t_residual=residuals[:n].reshape(n_images, k_i2t),
+                      t2i_residual=residuals[n:].reshape(n_texts, k_t2i))
+
+
+def scorer_matrices(cands: Candidates, sim_i2t: np.ndarray, scorer: str, *, k: Optional[int] = None,
+                    itc_weight: float = 1.0, tau: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t [images, texts], t2i [texts, images]) of ``scorer`` on each query's ITC top-``k``
+    (default: all of ``cands``). Every other pair scores below every candidate (from
+    ``NOT_RERANKED``, or lower where a candidate's score reaches it, down) and keeps ITC's
+    order among the rest: re-ranking only re-orders the top k, and a gold pair outside it
+    keeps its ITC rank (>= k; with k >= 10, R@1/5/10 equal those of ALBEF's ``-100``).
+
+    * ``rerank``: ``itc_weight * s / tau + r`` (r: the re-ranking head's correction) -- with
+      the head at zero exactly ITC's order;
+    * ``itm``: ``m``, the ITM margin alone (ALBEF, the seed's protocol);
+    * ``itm_itc``: ``m + s`` (BLIP's ``score + topk_sim``)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r} (one of {', '.join(SCORERS)})")
+    k = cands.k if k is None else k
+    n_images, n_texts = sim_i2t.shape
+    out = []
+    for top, margin, residual, n_rows, n_cols, transpose in (
+            (cands.i2t_top, cands.i2t_margin, cands.i2t_residual, n_images, n_texts, False),
+            (cands.t2i_top, cands.t2i_margin, cands.t2i_residual, n_texts, n_images, True)):
+        top, margin, residual = top[:, :k], margin[:, :k].astype(np.float64), residual[:, :k].astype(np.float64)
+        rows = np.arange(n_rows)[:, None]
+        s = (sim_i2t[top, rows] if transpose else sim_i2t[rows, top]).astype(np.float64)
+        score = {"rerank": itc_weight * s / tau + residual, "itm": margin, "itm_itc": margin + s}[scorer]
+        floor = min(NOT_RERANKED, float(score.min()) - 1.0) if score.size else NOT_RERANKED
+        itc = sim_i2t.T if transpose else sim_i2t
+        matrix = (floor - _dense_rank_desc(itc)).astype(np.float32)  # the rest, in ITC's order
+        matrix[rows, top] = score.astype(np.float32)
+        out.append(matrix)
+    return out[0], out[1]
+
+
+def _dense_rank_desc(scores: np.ndarray) -> np.ndarray:
+    """Per row, 0 for the highest value, 1 for the next distinct one ... (ties share a rank)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ordered = np.take_along_axis(scores, order, axis=1)
+    steps = np.concatenate([np.zeros((scores.shape[0], 1), dtype=np.int64),
+                            np.cumsum(ordered[:, 1:] != ordered[:, :-1], axis=1)], axis=1)
+    dense = np.empty_like(steps)
+    np.put_along_axis(dense, order, steps, axis=1)
+    return dense
+
+
 def rerank(
     model: torch.nn.Module, enc: EncodedSplit, sim_i2t: np.ndarray, k_test: int, itm_batch_size: int, chunk_size: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
-    """ITM scores on the top-``k_test`` ITC candidates of every query; ``-100`` elsewhere.
-
-    Returns (i2t [images, texts], t2i [texts, images]). A pair that is a candidate in both
-    directions (every gold pair of a good model) is fused once. Candidates are chosen
-    ``chunk_size`` queries at a time."""
-    n_images, n_texts = sim_i2t.shape
-    sim = torch.from_numpy(sim_i2t)
-    pair_ids = []  # image * n_texts + text
-    k = min(k_test, n_texts)
-    for start in range(0, n_images, chunk_size):
-        top = sim[start : start + chunk_size].topk(k, dim=1).indices  # [c, k] texts
-        images = torch.arange(start, start + len(top)).repeat_interleave(k)
-        i2t_pairs = images * n_texts + top.reshape(-1)
-        pair_ids.append(i2t_pairs)
-    n_i2t = sum(len(p) for p in pair_ids)
-    k = min(k_test, n_images)
-    for start in range(0, n_texts, chunk_size):
-        top = sim[:, start : start + chunk_size].T.topk(k, dim=1).indices  # [c, k] images
-        texts = torch.arange(start, start + len(top)).repeat_interleave(k)
-        pair_ids.append(top.reshape(-1) * n_texts + texts)
-    all_pairs = torch.cat(pair_ids)
-    unique, inverse = torch.unique(all_pairs, return_inverse=True)
-    scores = itm_scores(model, enc, unique // n_texts, unique % n_texts, itm_batch_size)[inverse].numpy()
-
-    i2t = np.full((n_images, n_texts), NOT_RERANKED, dtype=np.float32)
-    t2i = np.full((n_texts, n_images), NOT_RERANKED, dtype=np.float32)
-    pairs = all_pairs.numpy()
-    img, txt = pairs // n_texts, pairs % n_texts
-    i2t[img[:n_i2t], txt[:n_i2t]] = scores[:n_i2t]
-    t2i[txt[n_i2t:], img[n_i2t:]] = scores[n_i2t:]
-    return i2t, t2i
+    """The seed's re-ranking (ALBEF): ITM margins on the top-``k_test`` ITC candidates of every
+    query; below ``-100`` elsewhere. Returns (i2t [images, texts], t2i [texts, images])."""
+    cands = rerank_candidates(model, enc, sim_i2t, k_test, itm_batch_size, chunk_size)
+    return scorer_matrices(cands, sim_i2t, "itm")
 
 
 def exhaustive_itm(model: torch.nn.Module, enc: EncodedSplit, itm_batch_size: int) -> np.ndarray:
@@ -265,36 +344,71 @@ def compute_scores(
     itm_batch_size: int,
     device: torch.device | str = "cpu",
     chunk_size: int = 1024,
+    *,
+    k: Optional[int] = None,
+    itc_weight: float = 1.0,
+    tau: float = 0.05,
 ) -> dict[str, np.ndarray]:
-    """Score matrices of one split: ``itc_i2t``/``itc_t2i`` and re-ranked ``i2t``/``t2i``,
-    plus ``txt2img``. ``k_test`` is clipped to the split size."""
+    """Score matrices of one split: ``itc_i2t``/``itc_t2i``, the headline ``i2t``/``t2i``
+    (the residual re-ranker on the top ``k`` (default ``k_test``) with ``itc_weight`` and
+    ``tau``), the seed's ``itm_i2t``/``itm_t2i`` (ITM margin alone on the top ``k_test``)
+    and BLIP's ``itm_itc_i2t``/``itm_itc_t2i``, plus ``txt2img``. ``k_test`` is clipped to
+    the split size."""
     data = as_retrieval_split(dataset)
     was_training = model.training
     model.eval()
     try:
         enc = encode_split(model, data, batch_size, device)
         itc_i2t = itc_similarity(enc, chunk_size)
-        i2t, t2i = rerank(model, enc, itc_i2t, k_test, itm_batch_size, chunk_size)
+        cands = rerank_candidates(model, enc, itc_i2t, k_test, itm_batch_size, chunk_size)
     finally:
         model.train(was_training)
-    return {
-        "i2t": i2t,
-        "t2i": t2i,
-        "itc_i2t": itc_i2t,
-        "itc_t2i": np.ascontiguousarray(itc_i2t.T),
-        "txt2img": np.asarray(data.txt2img, dtype=np.int64),
-    }
+    out = {"itc_i2t": itc_i2t, "itc_t2i": np.ascontiguousarray(itc_i2t.T),
+           "txt2img": np.asarray(data.txt2img, dtype=np.int64)}
+    out["i2t"], out["t2i"] = scorer_matrices(cands, itc_i2t, "rerank", k=k, itc_weight=itc_weight, tau=tau)
+    out["itm_i2t"], out["itm_t2i"] = scorer_matrices(cands, itc_i2t, "itm")
+    out["itm_itc_i2t"], out["itm_itc_t2i"] = scorer_matrices(cands, itc_i2t, "itm_itc")
+    return out
+
+
+# score-matrix keys of each scorer in a compute_scores result (the headline carries no prefix)
+SCORE_KEYS = {"rerank": ("i2t", "t2i"), "itm": ("itm_i2t", "itm_t2i"), "itm_itc": ("itm_itc_i2t", "itm_itc_t2i"),
+              "itc": ("itc_i2t", "itc_t2i")}
 
 
 def metrics_from_scores(scores: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """``itm_*`` (re-ranked) and ``itc_*`` metrics from a ``compute_scores`` result."""
+    """``<scorer>_*`` metrics (``rerank_r_mean``, ``itm_r_mean``, ``itc_tr_r1`` ...) of every
+    scorer present in a ``compute_scores`` result."""
     txt2img = np.asarray(scores["txt2img"])
-    img2txt = img2txt_from_txt2img(txt2img, scores["i2t"].shape[0])
+    img2txt = img2txt_from_txt2img(txt2img, scores["itc_i2t"].shape[0])
     out: dict[str, float] = {}
-    for prefix, (i2t, t2i) in {"itm": ("i2t", "t2i"), "itc": ("itc_i2t", "itc_t2i")}.items():
+    for prefix, (i2t, t2i) in SCORE_KEYS.items():
+        if i2t not in scores:
+            continue
         for key, value in retrieval_metrics(scores[i2t], scores[t2i], txt2img, img2txt).items():
             out[f"{prefix}_{key}"] = value
     return out
+
+
+def choose_rerank(cands: Candidates, sim_i2t: np.ndarray, txt2img: np.ndarray, ks: Sequence[int],
+                  itc_weights: Sequence[float], tau: float) -> dict[str, Any]:
+    """The residual re-ranker's ``k`` and ITC weight with the best R mean on this split (the
+    val split: the test split never chooses anything). Ties keep the first in ``ks`` x
+    ``itc_weights`` order. Returns ``{"k", "itc_weight", "r_mean", "itc_r_mean", "grid"}``,
+    ``grid`` holding the R mean of every pair ``"k=<k> w=<w>"``."""
+    txt2img = np.asarray(txt2img, dtype=np.int64)
+    img2txt = img2txt_from_txt2img(txt2img, sim_i2t.shape[0])
+    grid: dict[str, float] = {}
+    best: Optional[tuple[float, int, float]] = None
+    for k in ks:
+        for w in itc_weights:
+            i2t, t2i = scorer_matrices(cands, sim_i2t, "rerank", k=k, itc_weight=w, tau=tau)
+            r = retrieval_metrics(i2t, t2i, txt2img, img2txt)["r_mean"]
+            grid[f"k={k} w={w:g}"] = round(r, 4)
+            if best is None or r > best[0]:
+                best = (r, k, w)
+    itc = retrieval_metrics(sim_i2t, sim_i2t.T, txt2img, img2txt)["r_mean"]
+    return {"k": best[1], "itc_weight": best[2], "r_mean": best[0], "itc_r_mean": itc, "grid": grid}
 
 
 # ------------------------------------------------------------------ model loading

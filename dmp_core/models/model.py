@@ -74,6 +74,12 @@ class DMPModel(nn.Module):
                 bert_init(module)
         if self.fusion.cls is not None:
             nn.init.normal_(self.fusion.cls, std=0.02)
+        # the residual re-ranking head (dmp_core.losses.rerank): an MLP on the pair state plus a
+        # weight on the ITM margin, both starting at zero, so the re-ranked order starts as ITC's
+        self.rank_head = bert_init(nn.Sequential(nn.Linear(pair_dim, pair_dim), nn.GELU(), nn.Linear(pair_dim, 1)))
+        nn.init.zeros_(self.rank_head[-1].weight)
+        nn.init.zeros_(self.rank_head[-1].bias)
+        self.rank_margin_weight = nn.Parameter(torch.zeros(()))
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -112,7 +118,7 @@ class DMPModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay besides biases and norms: CLS,
         mask, position and type tokens, and the temperature."""
-        names = {"temp"}
+        names = {"temp", "rank_margin_weight"}
         names |= {f"vision.{n}" for n in self.vision.no_weight_decay()}
         names |= {f"fusion.{n}" for n in self.fusion.no_weight_decay()}
         names |= {f"text.{n}" for n in self.text.no_weight_decay()}
@@ -171,6 +177,21 @@ class DMPModel(nn.Module):
         """J [B, S, Dt] (+ the text mask [B, L]) -> [B, 2]; column 1 is the match logit."""
         return self.itm_head(self.pair_state(joint, attention_mask))
 
+    def itm_margin(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pair's match score [B]: ``l1 - l0`` of the ITM head (binary cross-entropy fixes
+        only this difference, not l1 alone); the seed's scorer ranks by it."""
+        return self.pair_scores(joint, attention_mask)[0]
+
+    def pair_scores(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ITM margin ``l1 - l0`` [B], residual correction r [B]) from one pair state. ``r`` is
+        the re-ranking head's output plus a learned weight on the (detached) margin: the
+        correction the listwise loss adds to ``ITC similarity / tau`` (:mod:`dmp_core.losses.rerank`)."""
+        state = self.pair_state(joint, attention_mask)
+        logits = self.itm_head(state)
+        margin = logits[:, 1] - logits[:, 0]
+        residual = self.rank_head(state).squeeze(-1) + self.rank_margin_weight * margin.detach()
+        return margin, residual
+
     def mlm_logits(self, token_states: torch.Tensor) -> torch.Tensor:
         """Joint (or text) token states [..., Dt] -> vocabulary logits [..., V]."""
         return self.mlm_head(token_states, self.text.embeddings.word_embeddings.weight)
@@ -185,7 +206,8 @@ class DMPModel(nn.Module):
         def count(*modules: Optional[nn.Module]) -> int:
             return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
-        heads = count(self.image_proj, self.text_proj, self.itm_head, self.mlm_head, self.mim_head) + self.temp.numel()
+        heads = (count(self.image_proj, self.text_proj, self.itm_head, self.rank_head, self.mlm_head, self.mim_head)
+                 + self.temp.numel() + self.rank_margin_weight.numel())
         parts = {"image_tower": count(self.vision), "text_tower": count(self.text),
                  "fusion": count(self.fusion), "heads": heads}
         parts["total"] = count(self)

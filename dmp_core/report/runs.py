@@ -12,7 +12,10 @@ from dmp_core.errors import DataError
 from dmp_core.stats import Ranks, canonical_clusters
 
 MODELS = ("finetune", "pretrain")
-SCORER_NAMES = {"itm": "ITM re-ranked", "itc": "ITC only"}
+SCORER_NAMES = {"rerank": "residual re-ranked", "itm": "ITM re-ranked", "itm_itc": "ITM + ITC (BLIP)",
+                "itc": "ITC only"}
+# the seed's scorer: the ITM margin alone on the ITC top-k (ALBEF), shown beside every headline
+SEED_SCORER = "itm"
 # params that never make two runs different methods (where things run, how they are logged)
 IGNORED_PARAMS = ("seed", "tracking.", "report.", "data.root", "eval.batch_size", "eval.itm_batch_size",
                   "eval.chunk_size", "eval.diag_queries", "eval.diag_pairs", "pretrain.num_workers",
@@ -161,14 +164,21 @@ def metrics_to_models(metrics: Optional[Mapping[str, Any]]) -> dict[str, dict]:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             scorer, _, rest = key.partition("_")
-            if scorer not in SCORER_NAMES or not rest:
-                scorer, rest = "itm", key  # the headline scorer's numbers carry no prefix
+            if scorer not in SCORER_NAMES or not rest:  # the headline scorer's numbers carry no prefix:
+                scorer, rest = _metrics_headline(metrics.get(model) or {}), key
             models.setdefault(model, {}).setdefault(scorer, {})[rest] = float(value)
     for key, value in dict((metrics or {}).get("diagnostics") or {}).items():
         model, _, name = key.partition("_")
         if model in MODELS and name:
             models.setdefault(model, {}).setdefault("diagnostics", {})[name] = value
     return models
+
+
+def _metrics_headline(numbers: Mapping[str, Any]) -> str:
+    """The headline scorer of a metrics.json section: the residual re-ranker where the seed's
+    scorer (``itm_r_mean``) sits beside an unprefixed headline (``r_mean``), else the older
+    contracts' ITM re-ranking."""
+    return "rerank" if "itm_r_mean" in numbers and "r_mean" in numbers else "itm"
 
 
 @dataclass
@@ -213,7 +223,9 @@ class Run:
 
     @property
     def headline(self) -> str:
-        return str((self.details or {}).get("headline_scorer") or "itm")
+        if self.details and self.details.get("headline_scorer"):
+            return str(self.details["headline_scorer"])
+        return _metrics_headline((self.metrics or {}).get("finetune") or {})
 
     def recall(self, model: str, key: str, scorer: Optional[str] = None) -> Optional[float]:
         value = self.models.get(model, {}).get(scorer or self.headline, {}).get(key)

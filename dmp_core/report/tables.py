@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from dmp_core.report.runs import MODELS, SCORER_NAMES, Group, Run, describe_diff, method_params, param_diff
+from dmp_core.report.runs import MODELS, SCORER_NAMES, SEED_SCORER, Group, Run, describe_diff, method_params, param_diff
 from dmp_core.seed_results import SEED_RESULTS
 from dmp_core.stats import chance_recall
 
@@ -110,6 +110,7 @@ def main_table(groups: Sequence[Group], runs: Sequence[Run], include_seed_number
             for key in RECALL_KEYS:
                 row[_col(key)] = _mean_std(group.values(model, key))
             row["R mean"] = _mean_std(group.values(model, "r_mean"))
+            row["R mean, seed's scorer"] = _mean_std(group.values(model, "r_mean", SEED_SCORER))
             row["ITC R mean"] = _mean_std(group.values(model, "r_mean", "itc"))
             row["Runs"] = group.run_names
             rows.append(row)
@@ -119,7 +120,7 @@ def main_table(groups: Sequence[Group], runs: Sequence[Run], include_seed_number
                "Image size": "–", "Scorer": "any", "Seeds": "–"}
         for key in RECALL_KEYS:
             row[_col(key)] = f"{chance[key]:.2f}"
-        row["R mean"] = row["ITC R mean"] = f"{chance['r_mean']:.2f}"
+        row["R mean"] = row["R mean, seed's scorer"] = row["ITC R mean"] = f"{chance['r_mean']:.2f}"
         row["Runs"] = f"{_split_text(split)} (from {level['source']})"
         rows.append(row)
     if include_seed_numbers:
@@ -129,6 +130,7 @@ def main_table(groups: Sequence[Group], runs: Sequence[Run], include_seed_number
             for key in RECALL_KEYS:
                 row[_col(key)] = f"{res[key]:g}"
             row["R mean"] = f"{np.mean([res[k] for k in RECALL_KEYS]):.1f}"
+            row["R mean, seed's scorer"] = row["R mean"]
             row["ITC R mean"] = "–"
             row["Runs"] = f"{res['source']}; {res['pretraining']}"
             rows.append(row)
@@ -155,12 +157,29 @@ def diagnostics_table(groups: Sequence[Group]) -> pd.DataFrame:
                     "Run": run.name, "Method": group.label, "Model": MODEL_NAMES[model],
                     "ITM AUC top-k [95% CI]": _with_ci(diag, "itm_auc"),
                     "ITM AUC random [95% CI]": _with_ci(diag, "itm_auc_random"),
+                    "re-ranked gold: up / down / same (net)": _moves(diag, "rerank"),
+                    "seed's scorer: up / down / same (net)": _moves(diag, SEED_SCORER),
+                    "k, ITC weight (val)": _knobs(diag),
                     "image-use gap, nats (rel.)": _with_rel(diag, "image_use_gap"),
                     "text-use gap (rel.)": _with_rel(diag, "text_use_gap"),
                     "MLM loss matched / shuffled": _pair(diag.get("mlm_loss_matched"), diag.get("mlm_loss_shuffled")),
                     "below floor": "; ".join(flags) or "–",
                 })
     return pd.DataFrame(rows)
+
+
+def _moves(diag: Mapping[str, Any], prefix: str) -> str:
+    """``41 / 12 / 180 (+29)``: queries whose gold (inside the ITC top-k) re-ranking moved up,
+    down or left in place, and the net promotions."""
+    up, down, same = (diag.get(f"{prefix}_{k}") for k in ("up", "down", "same"))
+    if not all(isinstance(v, (int, float)) for v in (up, down, same)):
+        return "–"
+    return f"{up:.0f} / {down:.0f} / {same:.0f} ({up - down:+.0f})".replace("-", "−")
+
+
+def _knobs(diag: Mapping[str, Any]) -> str:
+    k, w = diag.get("rerank_k"), diag.get("rerank_itc_weight")
+    return f"{k:.0f}, {w:g}" if isinstance(k, (int, float)) and isinstance(w, (int, float)) else "–"
 
 
 def _with_ci(diag: Mapping[str, Any], key: str) -> str:

@@ -229,6 +229,10 @@ class PairDataset(Dataset):
         for start in range(0, self.num_captions, batch_size):
             yield self.tokens(slice(start, start + batch_size))
 
+    def image_of_item(self, idx: int) -> int:
+        """The image of training item ``idx`` (an image, or a caption with ``captions: all``)."""
+        return int(idx) if self.captions == "one_per_image" else int(self._txt2img[idx])
+
     # ----------------------------------------------------------------- Dataset
     def __len__(self) -> int:
         return self.num_images if self.captions == "one_per_image" else self.num_captions

@@ -43,13 +43,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dmp_core.training.checkpoint import Checkpointer, Resume, make_fingerprint, run_params
 from dmp_core.config import Config, TrainParams, preset_spec
 from dmp_core.errors import DataError, TrainingError
 from dmp_core.io import atomic_path, write_json
+from dmp_core.training.sampling import EpochBatchSampler, EpochItems, NeighbourBatchSampler, neighbour_table
 from dmp_core.training.schedule import build_optimizer, build_scheduler
 
 STAGES = ("pretrain", "finetune")
@@ -129,55 +130,6 @@ def _seed_worker(worker_id: int) -> None:
 
 
 # ============================================================== data order
-class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of a per-epoch permutation seeded by ``(seed, epoch)``, resumable mid-epoch.
-
-    Global batch ``b`` of epoch ``e`` is ``perm[b*B*W:(b+1)*B*W]`` and rank ``r`` takes its
-    ``r``-th slice of ``B``, so the union over ranks is the single-process batch of size
-    ``B*W``. The incomplete last batch is dropped (contrastive losses need full batches).
-    Items are ``(epoch, index)`` so that persistent workers learn the epoch too."""
-
-    def __init__(self, n_items: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
-        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = n_items // (batch_size * world_size)
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start = epoch, start_batch
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n_items, generator=gen)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = self.permutation(self.epoch)
-        global_batch = self.batch_size * self.world_size
-        for b in range(self.start, self.steps_per_epoch):
-            first = b * global_batch + self.rank * self.batch_size
-            yield [(self.epoch, i) for i in perm[first:first + self.batch_size].tolist()]
-
-
-class EpochItems(Dataset):
-    """Wraps a PairDataset: item ``(epoch, index)`` sets the dataset's epoch, then reads."""
-
-    def __init__(self, dataset: Any):
-        self.dataset, self.epoch = dataset, None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
-        if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-            self.epoch = epoch
-        return self.dataset[index]
-
-
 def target_kinds(cfg: Config, stage: str) -> tuple[str, ...]:
     """Precomputed targets the stage's objectives read (HOG/pixel MIM targets only)."""
     if stage != "pretrain":
@@ -442,7 +394,7 @@ def _set_up(cfg: Config, stage: str, prepared_dir: str | Path, targets_dir: str 
     # tqdm.write keeps log lines from breaking a progress bar (and is a plain print without one)
     log = (lambda msg: tqdm.write(f"[{stage}] {msg}", file=sys.stderr)) if ddp.is_main else (lambda msg: None)
     pretrainer = _build_pretrainer(cfg, stage, prepared_dir, init_weights, ddp)
-    dataset, sampler, loader = _build_data(cfg, stage, train, prepared_dir, targets_dir, ddp)
+    dataset, sampler, loader = _build_data(cfg, stage, train, prepared_dir, targets_dir, ddp, pretrainer, log)
     val_split = RetrievalSplit.from_prepared(prepared_dir, "val") if ddp.is_main else None
 
     # `steps`: that many optimiser steps whatever the data size (epochs repeat as needed);
@@ -478,14 +430,27 @@ def _build_pretrainer(cfg: Config, stage: str, prepared_dir: Path, init_weights:
 
 
 def _build_data(cfg: Config, stage: str, train: TrainParams, prepared_dir: Path, targets_dir: str | Path | None,
-                ddp: DistInfo) -> tuple[Dataset, EpochBatchSampler, DataLoader]:
-    """The train split, its resumable sampler (this rank's slice of each global batch), the loader."""
+                ddp: DistInfo, pretrainer: Any, log: Callable[[str], None]) -> tuple[Dataset, EpochBatchSampler, DataLoader]:
+    """The train split, its resumable sampler (this rank's slice of each global batch), the loader.
+
+    With ``neighbour_batches`` G > 1 each batch is groups of G mutual ITC neighbours by the
+    stage's initial model (:class:`NeighbourBatchSampler`), else a random permutation."""
     from dmp_core.training.dataset import PairDataset
 
     dataset = PairDataset(prepared_dir, "train", targets_dir=targets_dir, target_kinds=target_kinds(cfg, stage),
                           captions=train.captions, seed=cfg.seed)
-    sampler = EpochBatchSampler(len(dataset), train.batch_size, seed=cfg.seed, rank=ddp.rank,
-                                world_size=ddp.world_size)
+    if train.neighbour_batches > 1:
+        start = time.perf_counter()
+        table = neighbour_table(pretrainer.model, dataset, pool=train.neighbour_pool, device=ddp.device)
+        item_image = np.array([dataset.image_of_item(i) for i in range(len(dataset))])
+        sampler = NeighbourBatchSampler(len(dataset), train.batch_size, seed=cfg.seed, item_image=item_image,
+                                        neighbours=table, group=train.neighbour_batches, rank=ddp.rank,
+                                        world_size=ddp.world_size)
+        log(f"neighbour batches: groups of {train.neighbour_batches} from each image's {table.shape[1]} ITC "
+            f"neighbours ({time.perf_counter() - start:.1f} s to embed {dataset.num_images} training images)")
+    else:
+        sampler = EpochBatchSampler(len(dataset), train.batch_size, seed=cfg.seed, rank=ddp.rank,
+                                    world_size=ddp.world_size)
     if sampler.steps_per_epoch == 0:
         raise DataError(f"{prepared_dir / 'train'}: {len(dataset)} training pairs, fewer than one batch of "
                         f"{stage}.batch_size={train.batch_size} x {ddp.world_size} process(es)")

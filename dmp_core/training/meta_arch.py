@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -31,6 +32,7 @@ from dmp_core.losses.swaps import SwapTable, swap_captions
 from dmp_core.losses import (itc_loss, itm_loss, mim_loss, mlm_loss, mrm_loss, mrm_targets, resolve_objectives,
                              sample_negatives, vicreg_loss)
 from dmp_core.losses.masking import IGNORE_INDEX, SpecialTokens, image_block_mask, mask_text
+from dmp_core.losses.rerank import listwise_loss, neighbour_groups, residual_scores
 from dmp_core.models import DMPModel
 from dmp_core.targets import mim_targets
 from dmp_core.models.heads import mlp_expander, mrm_predictor
@@ -83,6 +85,9 @@ class Pretrainer(nn.Module):
         self.text_expander = mlp_expander(model.embed_dim, self.expander_dim) if o.vicreg else None
         # ITM's swapped-caption negatives (objective.itm_swap_negatives; dmp_core.losses.swaps)
         self.swap_table = swap_table if self.objectives.itm and cfg.objective.itm_swap_negatives else None
+        # ITM's loss: the seed's binary one, listwise over ITC neighbourhoods (dmp_core.losses.rerank), or both
+        self.itm_loss = cfg.objective.itm_loss
+        self.listwise = self.itm_loss in ("listwise", "both")
         self.progress = 0.0  # share of the run done, set by the training loop (ITM hard-negative ramp)
         # variant=frozen (the LiT baseline): both towers locked in pretraining and finetuning
         self.frozen_towers = cfg.objective.variant == "frozen"
@@ -183,7 +188,10 @@ class Pretrainer(nn.Module):
 
         # --- every fusion pass of the step in one call
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        if o.itm:
+        groups = None
+        if o.itm and self.listwise:
+            pairs["itm"], groups = self._itm_groups(v, t, attn, ids, image_ids, img_emb, txt_emb, swapped, t_swapped)
+        elif o.itm:
             pairs["itm"] = self._itm_pairs(v, t, attn, ids, image_ids, img_emb, txt_emb)
             if swapped is not None:  # (image, its own caption with the binding contradicted): label 0
                 pairs["itm"] = tuple(torch.cat([x, y]) for x, y in
@@ -194,7 +202,19 @@ class Pretrainer(nn.Module):
             pairs["masked_text"] = (v, t_masked, attn)
         joint = self._fuse_all(pairs)
 
-        if o.itm:
+        if o.itm and groups is not None:
+            margin, residual = model.pair_scores(joint["itm"], pairs["itm"][2])
+            itm = self._listwise_itm(residual[:groups["n_grouped"]], groups)
+            terms["itm"] = itm.pop("loss")
+            diags.update(itm)
+            if self.itm_loss == "both":  # the 2-way ITM on every fused pair: positives first
+                matched = torch.zeros_like(margin, dtype=torch.float32)
+                matched[:b] = 1.0
+                binary = F.binary_cross_entropy_with_logits(margin.float(), matched)
+                diags["diag_itm_listwise"] = terms["itm"].detach()
+                diags["diag_itm_binary"] = binary.detach()
+                terms["itm"] = terms["itm"] + binary
+        elif o.itm:
             logits = model.itm_logits(joint["itm"], pairs["itm"][2])
             itm_labels = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
             itm_labels[:b] = 1
@@ -272,6 +292,101 @@ class Pretrainer(nn.Module):
             texts += [t_all[neg_txt[ok_t]], t[rows[ok_i]]]
             masks += [attn_all[neg_txt[ok_t]], attn[rows[ok_i]]]
         return torch.cat(images), torch.cat(texts), torch.cat(masks)
+
+    def _itm_groups(self, v: torch.Tensor, t: torch.Tensor, attn: torch.Tensor, ids: torch.Tensor,
+                    image_ids: torch.Tensor, img_emb: Optional[torch.Tensor], txt_emb: Optional[torch.Tensor],
+                    swapped: Optional[tuple], t_swapped: Optional[torch.Tensor]) -> tuple[tuple, dict]:
+        """The fused pairs of listwise ITM and the groups they form (:mod:`dmp_core.losses.rerank`).
+
+        Every anchor, in each direction, gets a group: its positive and its ``itm_group_size``
+        ITC-nearest in-batch candidates of other images (uniform draws with
+        ``itm_negatives=uniform``); with swapped-caption negatives, an image anchor's group
+        also holds its own caption with the binding contradicted. Only valid candidates are
+        fused: the B positives first, then the image groups' and the caption groups'
+        negatives, then the swapped captions (``groups["n_grouped"]`` pairs in all); with
+        ``itm_loss=both`` one uniform negative per anchor and direction follows, for the binary
+        loss only. Returns ``(pairs, groups)``: ``groups`` carries the ITC similarities and
+        where each fused score goes back."""
+        model, o, b = self.model, self.objectives, ids.shape[0]
+        k = self.cfg.objective.itm_group_size
+        all_ids, all_texts = gather_no_grad(image_ids), gather_no_grad(ids)
+        v_all, t_all, attn_all = gather_with_grad(v), gather_with_grad(t), gather_no_grad(attn)
+        sim_i2t = sim_t2i = None
+        pos_sim = torch.zeros(b, device=ids.device)
+        if img_emb is not None:
+            with torch.no_grad():
+                img, txt = img_emb.detach().float(), txt_emb.detach().float()
+                sim_i2t, sim_t2i = img @ gather_no_grad(txt).t(), txt @ gather_no_grad(img).t()
+                pos_sim = (img * txt).sum(dim=1)
+        pick = o.itm_negatives != "uniform"
+        neg_t, ok_t = neighbour_groups(sim_i2t if pick else None, image_ids, k, all_ids=all_ids, texts=ids,
+                                       all_texts=all_texts)
+        neg_i, ok_i = neighbour_groups(sim_t2i if pick else None, image_ids, k, all_ids=all_ids, texts=ids,
+                                       all_texts=all_texts)
+        rows = torch.arange(b, device=ids.device)[:, None].expand_as(neg_t)
+        images = [v, v[rows[ok_t]], v_all[neg_i[ok_i]]]
+        texts = [t, t_all[neg_t[ok_t]], t[rows[ok_i]]]
+        masks = [attn, attn_all[neg_t[ok_t]], attn[rows[ok_i]]]
+        group_sim = lambda sim, neg: (torch.zeros(neg.shape, device=ids.device) if sim is None  # noqa: E731
+                                      else sim.gather(1, neg))
+        groups = {"pos_sim": pos_sim, "i2t": (group_sim(sim_i2t, neg_t), ok_t),
+                  "t2i": (group_sim(sim_t2i, neg_i), ok_i), "swap": None}
+        if swapped is not None:
+            sw_ids, sw_attn, sw_ok = swapped
+            images.append(v[sw_ok])
+            texts.append(t_swapped)
+            masks.append(sw_attn)
+            sw_sim = torch.zeros(b, device=ids.device)
+            if img_emb is not None:
+                with torch.no_grad():
+                    sw_emb = model.text_embed(t_swapped, sw_attn).detach().float()
+                    sw_sim[sw_ok] = (img_emb.detach().float()[sw_ok] * sw_emb).sum(dim=1)
+            groups["swap"] = (sw_sim, sw_ok)
+        groups["n_grouped"] = sum(len(x) for x in images)
+        if self.itm_loss == "both":  # the binary loss's easy negatives: one uniform draw per anchor and direction
+            uni_t, ok_ut = neighbour_groups(None, image_ids, 1, all_ids=all_ids, texts=ids, all_texts=all_texts)
+            uni_i, ok_ui = neighbour_groups(None, image_ids, 1, all_ids=all_ids, texts=ids, all_texts=all_texts)
+            one = torch.arange(b, device=ids.device)[:, None]
+            images += [v[one[ok_ut]], v_all[uni_i[ok_ui]]]
+            texts += [t_all[uni_t[ok_ut]], t[one[ok_ui]]]
+            masks += [attn_all[uni_t[ok_ut]], attn[one[ok_ui]]]
+        return (torch.cat(images), torch.cat(texts), torch.cat(masks)), groups
+
+    def _listwise_itm(self, margin: torch.Tensor, groups: dict) -> dict[str, torch.Tensor]:
+        # ``margin``: the re-ranking head's correction r of each grouped pair, in fusion order
+        """Cross-entropy over each group of residual scores (``stop_grad(s) / rerank_tau + m``),
+        the mean of the image-anchor and caption-anchor directions. Diagnostics: the share of
+        groups whose positive scores highest, and the probability the ITC term alone gives
+        the positive (near 1: the ITC term saturates the softmax and the head learns little)."""
+        obj = self.cfg.objective
+        b = groups["pos_sim"].shape[0]
+        m_pos, rest = margin[:b], margin[b:]
+        losses, accs, itc_p = [], [], []
+        for direction in ("i2t", "t2i"):
+            sim, ok = groups[direction]
+            m = torch.zeros(ok.shape, dtype=margin.dtype, device=margin.device)
+            n = int(ok.sum())
+            m = m.masked_scatter(ok, rest[:n])
+            rest = rest[n:]
+            cols_sim, cols_m, cols_ok = [groups["pos_sim"][:, None], sim], [m_pos[:, None], m], [
+                torch.ones(b, 1, dtype=torch.bool, device=ok.device), ok]
+            if direction == "i2t" and groups["swap"] is not None:
+                sw_sim, sw_ok = groups["swap"]
+                sw_m = torch.zeros(b, dtype=margin.dtype, device=margin.device).masked_scatter(sw_ok, rest)
+                cols_sim.append(sw_sim[:, None]); cols_m.append(sw_m[:, None]); cols_ok.append(sw_ok[:, None])
+            sim_g, m_g, ok_g = torch.cat(cols_sim, 1), torch.cat(cols_m, 1), torch.cat(cols_ok, 1)
+            itc_only = F.softmax((sim_g / obj.rerank_tau).masked_fill(~ok_g, float("-inf")), dim=1)
+            soft = None
+            if obj.itm_soft_targets > 0:
+                onehot = torch.zeros_like(itc_only)
+                onehot[:, 0] = 1.0
+                soft = (1 - obj.itm_soft_targets) * onehot + obj.itm_soft_targets * itc_only
+            out = listwise_loss(residual_scores(sim_g, m_g, obj.rerank_tau), ok_g, soft)
+            losses.append(out["loss"])
+            accs.append(out["acc"])
+            itc_p.append(itc_only[:, 0].mean())
+        return {"loss": (losses[0] + losses[1]) / 2, "diag_itm_acc": (accs[0] + accs[1]) / 2,
+                "diag_itm_itc_p": ((itc_p[0] + itc_p[1]) / 2).detach()}
 
     def _fuse_all(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not pairs:

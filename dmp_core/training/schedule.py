@@ -50,7 +50,8 @@ def no_decay_names(named_params: Iterable[tuple[str, torch.nn.Parameter]], decla
 
 # parameters on the fused side of the model (the fusion layers and every head that reads
 # fused states); `fusion_lr_scale` multiplies their learning rate
-FUSION_PARTS = ("fusion.", "itm_head.", "mlm_head.transform.", "mim_head.", "mrm_predictor.")
+FUSION_PARTS = ("fusion.", "itm_head.", "rank_head.", "rank_margin_weight", "mlm_head.transform.", "mim_head.",
+                "mrm_predictor.")
 
 
 def is_fusion_side(name: str) -> bool:
