@@ -338,7 +338,7 @@ class EvalParams(_Section):
     # k_test; below 10 a gold pair outside the top-k counts as missed at R@10, as in ALBEF's
     # protocol with k_test < 10) and the weights of the ITC term
     rerank_ks: Optional[list[int]] = Field(None, min_length=1)
-    rerank_itc_weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
+    rerank_itc_weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1)
     batch_size: int = Field(128, ge=1)
     itm_batch_size: int = Field(256, ge=1)
     # rows of the similarity matrix handled at once (bounds memory on COCO's 5k x 25k)
