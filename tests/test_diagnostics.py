@@ -96,6 +96,10 @@ class HandBuilt(nn.Module):
             match = torch.zeros(joint.shape[0])
         return torch.stack([-match, match], dim=1)
 
+    def pair_scores(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.itm_logits(joint, attention_mask)  # (ITM margin, the re-ranking head's correction: none)
+        return logits[:, 1] - logits[:, 0], torch.zeros(joint.shape[0])
+
     def mlm_logits(self, token_states: torch.Tensor) -> torch.Tensor:
         logits = torch.zeros(token_states.shape[0], VOCAB)
         if self.oracle:

@@ -99,8 +99,11 @@ def build_report(
     section("Main results", main_table(groups, runs, include_seed_numbers),
             "No evaluation results yet (reports/evaluate/details.json and metrics.json are missing).",
             "One row per method and model, on each run's test split: *finetuned* and *zero-shot* (after "
-            "pretraining) with the headline scorer named in the Scorer column (ITM re-ranked: ITM re-scores the "
-            "ITC top-k; ITC only in the ITC R mean column). Runs differing only in `seed` are one row. The chance "
+            "pretraining) with the headline scorer named in the Scorer column (residual re-ranked: the ITC top-k "
+            "re-ordered by w · ITC similarity / tau plus the re-ranking head's correction, k and w chosen on the val "
+            "split; ITM re-ranked: the ITM margin alone re-orders the top-k). *R mean, seed's scorer* is the same "
+            "model ranked by the seed's protocol (ALBEF: the ITM margin alone on the ITC top-k), *ITC R mean* by "
+            "ITC alone. Runs differing only in `seed` are one row. The chance "
             "rows are the exact expected recall of a random ranking of the split. "
             + ("Rows marked *reported* are the seed paper's numbers on other data and models "
                "(Flickr30K/COCO, ViT-S or ViT-B towers): context, not a comparison of equals."
@@ -108,15 +111,18 @@ def build_report(
     section("Diagnostics", diagnostics_table(groups),
             "No diagnostics: details.json has no `diagnostics` for any run.",
             "Does ITM order what re-ranking orders, and does the fusion use both modalities? ITM AUC top-k: per "
-            "query (images and captions), the AUC of the ITM logit over the query's ITC top-k candidates (gold "
-            "against the rest), averaged over the queries whose top-k holds both; ITM AUC random: each image "
+            "query (images and captions), the AUC of the ITM margin (l1 − l0) over the query's ITC top-k candidates "
+            "(gold against the rest), averaged over the queries whose top-k holds both; ITM AUC random: each image "
             "query's gold captions against random captions (does ITM match at all?); both with a bootstrap 95% "
             "interval over queries (0.5 = no signal). Image-use gap: MLM loss with shuffled images minus with "
             "the matching ones (nats), and relative to the matched loss (models pretrained with MLM; "
             "not shown for the frozen towers, whose MLM head is untrained); text-use gap: the same for MIM with "
             "shuffled captions (models with a MIM head; its loss scale depends on the target, so compare the "
             "relative gap). Every variant is measured at the same mask ratios (eval.gap_text_mask_ratio, "
-            "eval.gap_image_mask_ratio). 'below floor' flags "
+            "eval.gap_image_mask_ratio). Re-ranked gold up / down / same (net): of the queries whose gold lies in "
+            "the ITC top-k, how many the headline scorer moved up, down or left in place, and the net promotions "
+            "(R@1 depends on the head of the list, which an AUC does not see); the same for the seed's scorer; "
+            "k, ITC weight: the residual re-ranker's knobs chosen on the val split. 'below floor' flags "
             + ", ".join(f"{DIAGNOSTIC_NAMES[k]} < {v:g}" for k, v in DIAGNOSTIC_FLOORS.items()) + ".")
 
     lines.extend(["## Statistics", ""])
@@ -163,11 +169,13 @@ def build_report(
         lines.extend([f"No gallery: {no_gallery}.", ""])
     else:
         gallery_label = labels.get(gallery_run, gallery_run)
+        gallery_headline = next((r.headline for g in groups for r in g.runs if gallery_run in r.names), "rerank")
         for model in gallery.scores:
             path = plot_gallery(gallery, model, figures / f"gallery_{model}.png", queries=gallery_queries)
             lines.extend([f"### {model} {MODEL_TITLES.get(model, '')}".rstrip(), "",
                           f"![gallery {model}](figures/{path.name})", "",
-                          f"Run `{gallery_run}` ({gallery_label}), {SCORER_NAMES['itm']}: {gallery_caption(gallery)}.",
+                          f"Run `{gallery_run}` ({gallery_label}), {SCORER_NAMES.get(gallery_headline, gallery_headline)}: "
+                          f"{gallery_caption(gallery)}.",
                           ""])
 
     if runs:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from dmp_core.errors import DataError
 from dmp_core.report.figures import _figure, _save
-from dmp_core.report.runs import MODELS, SCORER_NAMES
+from dmp_core.report.runs import MODELS
 
 # ------------------------------------------------------------------ gallery
 GALLERY_DPI = 100
@@ -36,7 +36,9 @@ def load_gallery(scores_npz: str | Path, split_dir: str | Path, dataset: str = "
             raise DataError(f"{path}: missing (run the evaluate stage)")
     with np.load(scores_npz) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    models = sorted({k[: -len("_i2t")] for k in arrays if k.endswith("_i2t") and not k.endswith("itc_i2t")},
+    # "<model>_i2t" holds the headline scorer's scores; "<model>_itc_i2t" / "<model>_itm_i2t" the others'
+    models = sorted({k[: -len("_i2t")] for k in arrays
+                     if k.endswith("_i2t") and not k.endswith(("itc_i2t", "itm_i2t"))},
                     key=lambda m: (MODELS[::-1].index(m) if m in MODELS else len(MODELS), m))
     scores = {m: (arrays[f"{m}_i2t"], arrays[f"{m}_t2i"]) for m in models if f"{m}_t2i" in arrays}
     if not scores:
@@ -134,7 +136,7 @@ def plot_gallery(data: GalleryData, model: str, path: Path, queries: int = 4, to
             line = f"{c + 1}. {'✓ ' if gold else ''}{textwrap.shorten(data.captions[t], 90)}"
             ax.text(0.0, 1 - (c + 0.5) / top, line, va="center", fontsize=8,
                     color="green" if gold else "black", weight="bold" if gold else "normal")
-    title = (f"Retrieval gallery: {model} ({SCORER_NAMES['itm']}), {gallery_caption(data)}. "
+    title = (f"Retrieval gallery: {model} (headline scorer), {gallery_caption(data)}. "
              f"Rows 1-{len(text_q)}: caption → images; then image → captions. Gold in green.")
     fig.text(pad / fig_w, 1 - 0.06 / fig_h, "\n".join(textwrap.wrap(title, int(fig_w * 15))), fontsize=8,
              va="top", ha="left")
