@@ -95,7 +95,7 @@ def _itm_worker(rank: int, port: int, out_dir: str, uniform: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)  # identical weights on both ranks, as DDP guarantees
-        cfg = tiny_config(objective__itm_uniform_negatives=uniform)
+        cfg = tiny_config(objective__itm_uniform_negatives=uniform, objective__itm_loss="binary")  # the seed's ITM
         model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=30522)
         pretrainer = create_pretrainer(cfg, "finetune", model)
         gen = torch.Generator().manual_seed(rank)

@@ -64,7 +64,9 @@ def micro_model(cfg):
 # uses the training loop's schedule (warm-up, then cosine): at a constant learning rate the last
 # steps' updates leave some seeds' ITM head oscillating (AUC 0.70-0.85 for 1-2 seeds in 10,
 # which seeds depending on the CPU's kernels; bench/README.md, "Toy learning test")
-TOY_PARAMS = dict(pretrain__lr=2e-3, pretrain__fusion_lr_scale=2.5, objective__w_vicreg=0.04,
+# the seed's binary ITM (objective.itm_loss=binary): the test and its 10-seed floors are about the
+# fusion coming to use the image; tests/test_rerank_learning.py covers the listwise re-ranker
+TOY_PARAMS = dict(pretrain__lr=2e-3, pretrain__fusion_lr_scale=2.5, objective__w_vicreg=0.04, objective__itm_loss="binary",
                   model__text_pool="cls", objective__vicreg_coeffs__expander_dim=None)
 # seeds of the test; bench/README.md ("Toy learning test") has the 10-seed table its floors come from
 SEEDS = (0, 1, 2)

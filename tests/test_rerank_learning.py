@@ -36,7 +36,7 @@ PAIRS = [(a, b) for a in range(len(COLOURS)) for b in range(len(COLOURS)) if a !
 # residual re-ranker over ITC alone; bench/README.md ("Re-ranking: the binding toy") has the
 # seeds the floor was set from
 SEEDS = (0, 1, 2)
-GAIN_FLOOR = 5.0
+GAIN_FLOOR = 20.0
 TOY_PARAMS = dict(objective__mim=False, objective__vicreg=False,
                   objective__itm_group_size=3, pretrain__lr=2e-3, pretrain__fusion_lr_scale=2.5,
                   model__text_pool="mean")
@@ -70,7 +70,7 @@ def micro_model(cfg):
     return model
 
 
-def train_and_score(seed: int, steps: int = 600, batch: int = 16) -> dict[str, float]:
+def train_and_score(seed: int, steps: int = 1000, batch: int = 16) -> dict[str, float]:
     torch.manual_seed(seed)
     cfg = tiny_config(data__image_size=SIZE, pretrain__batch_size=batch, **TOY_PARAMS)
     pretrainer = create_pretrainer(cfg, "pretrain", micro_model(cfg)).train()
@@ -122,5 +122,5 @@ def one_thread():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_residual_listwise_reranker_fixes_what_itc_cannot_see(seed):
     seen = train_and_score(seed)
-    assert seen["mirror_gap"] < 1e-4 and seen["itc_r1"] <= 55.0, seen  # ITC's blind spot is there
+    assert seen["itc_r1"] <= 60.0, seen  # ITC's blind spot: at most half of each mirror pair, up to pixel noise
     assert seen["gain_r1"] >= GAIN_FLOOR and seen["rerank_r_mean"] >= seen["itc_r_mean"], seen

@@ -103,7 +103,7 @@ def test_no_weight_decay_on_biases_norms_temperature_and_mask_tokens():
             continue
         seen += 1
         leaf = name.split(".")[-1]
-        excluded = (leaf == "bias" or p.ndim == 1 or leaf == "temp" or "mask_token" in name
+        excluded = (leaf == "bias" or p.ndim == 1 or leaf in ("temp", "rank_margin_weight") or "mask_token" in name
                     or "norm" in name.lower() and leaf == "weight"
                     or leaf in ("pos_embed", "cls_token", "cls") or "position_embeddings" in name
                     or "type_embeddings" in name)
