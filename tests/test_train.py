@@ -243,3 +243,25 @@ def test_non_finite_loss_stops_naming_step_term_and_checkpoint(tiny_data, tmp_pa
     assert f"{out / 'checkpoints' / 'latest.json'} (step 2)" in msg
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 2 and not latest["done"]
+
+
+def test_neighbour_batches_hold_groups_of_neighbours_each_image_once_and_replay_exactly():
+    from dmp_core.training.sampling import NeighbourBatchSampler
+
+    n_images, per_image = 40, 2
+    item_image = np.repeat(np.arange(n_images), per_image)  # captions: all (2 items per image)
+    neighbours = np.stack([(np.arange(1, 6) + i) % n_images for i in range(n_images)])  # i's neighbours: i+1..i+5
+    sampler = NeighbourBatchSampler(len(item_image), 8, seed=3, item_image=item_image, neighbours=neighbours, group=4)
+    batches = [[i for _, i in b] for b in sampler]
+    assert len(batches) == sampler.steps_per_epoch == len(item_image) // 8
+    for batch in batches:
+        images = [int(item_image[i]) for i in batch]
+        assert len(batch) == 8 and len(set(images)) == 8  # each image once per batch
+        for start in (0, 4):  # two groups of 4: an anchor and 3 of its neighbours
+            anchor, *rest = images[start:start + 4]
+            assert set(rest) <= set(neighbours[anchor].tolist())
+    again = NeighbourBatchSampler(len(item_image), 8, seed=3, item_image=item_image, neighbours=neighbours, group=4)
+    again.set_position(0, 2)  # resumed at batch 2: the same batches from there on
+    assert [[i for _, i in b] for b in again] == batches[2:]
+    with pytest.raises(ValueError, match="distinct images"):
+        NeighbourBatchSampler(20, 8, seed=0, item_image=np.repeat(np.arange(5), 4), neighbours=neighbours[:5], group=4)

@@ -107,6 +107,9 @@ class NeighbourBatchSampler(EpochBatchSampler):
                  neighbours: np.ndarray, group: int, rank: int = 0, world_size: int = 1):
         super().__init__(n_items, batch_size, seed=seed, rank=rank, world_size=world_size)
         self.item_image, self.neighbours, self.group = np.asarray(item_image), neighbours, group
+        if len(neighbours) < batch_size * world_size:
+            raise ValueError(f"neighbour batches need at least one batch of distinct images: {len(neighbours)} "
+                             f"images < batch of {batch_size * world_size}")
         self.items_of = [[] for _ in range(len(neighbours))]
         for item, image in enumerate(self.item_image.tolist()):
             self.items_of[image].append(item)
