@@ -350,3 +350,47 @@ def test_bench_step_reports_what_it_ran(variant):
     assert out["variant"] == variant and out["ema"] == (variant == "mamo")
     assert out["steps"] == 1 and out["pairs_per_s"] > 0 and out["peak_rss_mb"] > 0
     assert ("mrm" in out["objectives"]) == (variant == "mamo")
+
+
+def test_listwise_groups_read_each_fused_score_from_its_own_pair():
+    """Each group column gets the correction r of the pair fused for it, swapped captions
+    included: with r set to the pair's own index in the fusion call, the groups must hold
+    the indices of their pairs, in fusion order (positives, image groups, caption groups, swaps)."""
+    pretrainer = build(tiny_config(objective__itm_loss="listwise", objective__mim=False, objective__mlm=False))
+    torch.manual_seed(0)
+    batch = make_batch()
+    b = batch["input_ids"].shape[0]
+    seen = {}
+
+    def fake_listwise(margin, groups):
+        seen["margin"], seen["groups"] = margin, groups
+        return {"loss": margin.sum() * 0}
+
+    pretrainer._listwise_itm = fake_listwise
+    pretrainer(batch)
+    margin, groups = seen["margin"], seen["groups"]
+    n_i2t, n_t2i = int(groups["i2t"][1].sum()), int(groups["t2i"][1].sum())
+    assert len(margin) == b + n_i2t + n_t2i + (int(groups["swap"][1].sum()) if groups["swap"] is not None else 0)
+    # the real function on index-valued corrections: the i2t columns are the pairs b .. b + n_i2t
+    from dmp_core.training.meta_arch import Pretrainer
+
+    index = torch.arange(len(margin), dtype=torch.float32)
+    captured = {}
+    real = Pretrainer._listwise_itm
+
+    def spy_scores(sim, m, tau, itc_weight=1.0):
+        captured.setdefault("m", []).append(m)
+        return m
+
+    import dmp_core.training.meta_arch as meta
+    original = meta.residual_scores
+    meta.residual_scores = spy_scores
+    try:
+        real(pretrainer, index, groups)
+    finally:
+        meta.residual_scores = original
+    i2t, t2i = captured["m"]
+    ok_t, ok_i = groups["i2t"][1], groups["t2i"][1]
+    assert torch.equal(i2t[:, 0], torch.arange(b, dtype=torch.float32))
+    assert torch.equal(i2t[:, 1:1 + ok_t.shape[1]][ok_t], torch.arange(b, b + n_i2t, dtype=torch.float32))
+    assert torch.equal(t2i[:, 1:][ok_i], torch.arange(b + n_i2t, b + n_i2t + n_t2i, dtype=torch.float32))

@@ -353,14 +353,16 @@ class Pretrainer(nn.Module):
         return (torch.cat(images), torch.cat(texts), torch.cat(masks)), groups
 
     def _listwise_itm(self, margin: torch.Tensor, groups: dict) -> dict[str, torch.Tensor]:
-        # ``margin``: the re-ranking head's correction r of each grouped pair, in fusion order
-        """Cross-entropy over each group of residual scores (``stop_grad(s) / rerank_tau + m``),
+        """Cross-entropy over each group of residual scores (``stop_grad(s) / rerank_tau + r``;
+        ``margin``: the correction r of each grouped pair, in fusion order: positives, image
+        groups, caption groups, swapped captions),
         the mean of the image-anchor and caption-anchor directions. Diagnostics: the share of
         groups whose positive scores highest, and the probability the ITC term alone gives
         the positive (near 1: the ITC term saturates the softmax and the head learns little)."""
         obj = self.cfg.objective
         b = groups["pos_sim"].shape[0]
-        m_pos, rest = margin[:b], margin[b:]
+        n_swap = int(groups["swap"][1].sum()) if groups["swap"] is not None else 0
+        m_pos, rest, m_swap = margin[:b], margin[b:len(margin) - n_swap], margin[len(margin) - n_swap:]
         losses, accs, itc_p = [], [], []
         for direction in ("i2t", "t2i"):
             sim, ok = groups[direction]
@@ -372,7 +374,7 @@ class Pretrainer(nn.Module):
                 torch.ones(b, 1, dtype=torch.bool, device=ok.device), ok]
             if direction == "i2t" and groups["swap"] is not None:
                 sw_sim, sw_ok = groups["swap"]
-                sw_m = torch.zeros(b, dtype=margin.dtype, device=margin.device).masked_scatter(sw_ok, rest)
+                sw_m = torch.zeros(b, dtype=margin.dtype, device=margin.device).masked_scatter(sw_ok, m_swap)
                 cols_sim.append(sw_sim[:, None]); cols_m.append(sw_m[:, None]); cols_ok.append(sw_ok[:, None])
             sim_g, m_g, ok_g = torch.cat(cols_sim, 1), torch.cat(cols_m, 1), torch.cat(cols_ok, 1)
             itc_only = F.softmax((sim_g / obj.rerank_tau).masked_fill(~ok_g, float("-inf")), dim=1)
