@@ -75,3 +75,12 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     targets = root / "targets"
     run_targets(cfg, prepared_dir=prepared, out_dir=targets)
     return {"raw": raw, "prepared": prepared, "targets": targets, "reports": reports, "root": root}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the learning toys' outcomes were measured so)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -105,12 +105,7 @@ def train_and_measure(blank: bool, steps: int = 300, batch: int = 16, seed: int 
     return {"itm_auc": auc, "image_use_gap": gap}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.slow

@@ -233,8 +233,10 @@ class Candidates:
 
     ``i2t_top`` [images, k] holds text ids and ``t2i_top`` [texts, k] image ids (k clipped
     to the number of texts / images), each row in ITC order (best first); ``*_margin`` the
-    ITM margins and ``*_residual`` the re-ranking head's corrections at the same places. Every
-    scorer of :data:`SCORERS` re-orders a prefix of these lists (:func:`scorer_matrices`)."""
+    ITM margins and ``*_residual`` the re-ranking head's corrections at the same places;
+    ``*_itc_rank`` [queries, candidates] every pair's dense ITC rank (computed once: every
+    scorer keeps ITC's order outside the top-k). Every scorer of :data:`SCORERS` re-orders a
+    prefix of these lists (:func:`scorer_matrices`)."""
 
     k: int
     i2t_top: np.ndarray
@@ -243,6 +245,8 @@ class Candidates:
     t2i_margin: np.ndarray
     i2t_residual: np.ndarray  # the re-ranking head's correction r at the same places
     t2i_residual: np.ndarray
+    i2t_itc_rank: np.ndarray  # int32 [images, texts]
+    t2i_itc_rank: np.ndarray  # int32 [texts, images]
 
 
 # the scorers of the re-ranking stage (each on the ITC top-k), besides "itc" (ITC alone)
@@ -273,7 +277,8 @@ def rerank_candidates(model: torch.nn.Module, enc: EncodedSplit, sim_i2t: np.nda
     return Candidates(k=k_test, i2t_top=i2t_top.numpy(), t2i_top=t2i_top.numpy(),
                       i2t_margin=margins[:n].reshape(n_images, k_i2t), t2i_margin=margins[n:].reshape(n_texts, k_t2i),
                       i2t_residual=residuals[:n].reshape(n_images, k_i2t),
-                      t2i_residual=residuals[n:].reshape(n_texts, k_t2i))
+                      t2i_residual=residuals[n:].reshape(n_texts, k_t2i),
+                      i2t_itc_rank=_dense_rank_desc(sim_i2t), t2i_itc_rank=_dense_rank_desc(sim_i2t.T))
 
 
 def scorer_matrices(cands: Candidates, sim_i2t: np.ndarray, scorer: str, *, k: Optional[int] = None,
@@ -291,18 +296,16 @@ def scorer_matrices(cands: Candidates, sim_i2t: np.ndarray, scorer: str, *, k: O
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r} (one of {', '.join(SCORERS)})")
     k = cands.k if k is None else k
-    n_images, n_texts = sim_i2t.shape
     out = []
-    for top, margin, residual, n_rows, n_cols, transpose in (
-            (cands.i2t_top, cands.i2t_margin, cands.i2t_residual, n_images, n_texts, False),
-            (cands.t2i_top, cands.t2i_margin, cands.t2i_residual, n_texts, n_images, True)):
+    for top, margin, residual, itc_rank, transpose in (
+            (cands.i2t_top, cands.i2t_margin, cands.i2t_residual, cands.i2t_itc_rank, False),
+            (cands.t2i_top, cands.t2i_margin, cands.t2i_residual, cands.t2i_itc_rank, True)):
         top, margin, residual = top[:, :k], margin[:, :k].astype(np.float64), residual[:, :k].astype(np.float64)
-        rows = np.arange(n_rows)[:, None]
+        rows = np.arange(itc_rank.shape[0])[:, None]
         s = (sim_i2t[top, rows] if transpose else sim_i2t[rows, top]).astype(np.float64)
         score = {"rerank": itc_weight * s / tau + residual, "itm": margin, "itm_itc": margin + s}[scorer]
         floor = min(NOT_RERANKED, float(score.min()) - 1.0) if score.size else NOT_RERANKED
-        itc = sim_i2t.T if transpose else sim_i2t
-        matrix = (floor - _dense_rank_desc(itc)).astype(np.float32)  # the rest, in ITC's order
+        matrix = (floor - itc_rank).astype(np.float32)  # the rest, in ITC's order
         matrix[rows, top] = score.astype(np.float32)
         out.append(matrix)
     return out[0], out[1]
@@ -314,8 +317,8 @@ def _dense_rank_desc(scores: np.ndarray) -> np.ndarray:
     ordered = np.take_along_axis(scores, order, axis=1)
     steps = np.concatenate([np.zeros((scores.shape[0], 1), dtype=np.int64),
                             np.cumsum(ordered[:, 1:] != ordered[:, :-1], axis=1)], axis=1)
-    dense = np.empty_like(steps)
-    np.put_along_axis(dense, order, steps, axis=1)
+    dense = np.empty(scores.shape, dtype=np.int32)
+    np.put_along_axis(dense, order, steps.astype(np.int32), axis=1)
     return dense
 
 

@@ -177,13 +177,10 @@ class DMPModel(nn.Module):
         """J [B, S, Dt] (+ the text mask [B, L]) -> [B, 2]; column 1 is the match logit."""
         return self.itm_head(self.pair_state(joint, attention_mask))
 
-    def itm_margin(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The pair's match score [B]: ``l1 - l0`` of the ITM head (binary cross-entropy fixes
-        only this difference, not l1 alone); the seed's scorer ranks by it."""
-        return self.pair_scores(joint, attention_mask)[0]
-
     def pair_scores(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ITM margin ``l1 - l0`` [B], residual correction r [B]) from one pair state. ``r`` is
+        """(ITM margin ``l1 - l0`` [B], residual correction r [B]) from one pair state. The
+        margin is the seed's score (binary cross-entropy fixes only this difference, not l1
+        alone). ``r`` is
         the re-ranking head's output plus a learned weight on the (detached) margin: the
         correction the listwise loss adds to ``ITC similarity / tau`` (:mod:`dmp_core.losses.rerank`)."""
         state = self.pair_state(joint, attention_mask)
