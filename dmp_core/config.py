@@ -339,6 +339,15 @@ class EvalParams(_Section):
     # protocol with k_test < 10) and the weights of the ITC term
     rerank_ks: Optional[list[int]] = Field(None, min_length=1)
     rerank_itc_weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1)
+    # the re-ranking head refitted on the retriever's own top-k before it is scored
+    # (evaluation/rerank_fit.py): AdamW steps over the ITC top-k_test groups of this many
+    # training images (capped at the split), batches of this many queries, the step chosen on
+    # the val split every rerank_fit_every steps; 0 steps scores the head as trained
+    rerank_fit_steps: int = Field(600, ge=0)
+    rerank_fit_images: int = Field(2000, ge=1)
+    rerank_fit_lr: float = Field(1e-3, gt=0.0)
+    rerank_fit_batch: int = Field(256, ge=1)
+    rerank_fit_every: int = Field(50, ge=1)
     batch_size: int = Field(128, ge=1)
     itm_batch_size: int = Field(256, ge=1)
     # rows of the similarity matrix handled at once (bounds memory on COCO's 5k x 25k)

@@ -180,12 +180,42 @@ def _show(cmd: Sequence[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+# DVC's closing line on every error, which says nothing about the error itself
+DVC_SUPPORT_LINE = "Having any troubles?"
+
+
+def error_line(output: str) -> str:
+    """The line of a failed command's output that names its error: DVC's ``ERROR:`` line
+    where there is one, else the last line that is not DVC's support boilerplate."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if DVC_SUPPORT_LINE not in line]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
 def _run(cmd: Sequence[str]) -> str:
     proc = subprocess.run(list(cmd), capture_output=True, text=True)
     if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()
-        raise StudyFailed(f"study: `{_show(cmd)}` failed: {last[-1] if last else proc.returncode}")
+        raise StudyFailed(f"study: `{_show(cmd)}` failed ({proc.returncode}): {error_line(proc.stderr + proc.stdout)}")
     return proc.stdout
+
+
+# `dvc queue status` fails now and then while several workers run: two workers write the
+# celery pidbox reply file at once and the status command reads invalid JSON
+# (treeverse/dvc-task 73). A poll that fails is tried again, up to this many times in a row.
+STATUS_RETRIES = 5
+
+
+def _queue_status(dvc: Sequence[str], poll_s: float, retries: int = STATUS_RETRIES) -> str:
+    for attempt in range(retries + 1):
+        try:
+            return _run([*dvc, "queue", "status"])
+        except StudyFailed as err:
+            if attempt == retries:
+                raise StudyFailed(f"{err} ({retries + 1} polls in a row)") from None
+            echo(f"{err}: polling again")
+            time.sleep(poll_s)
+    raise AssertionError("unreachable")
 
 
 def _start_worker(cmd: Sequence[str], env: dict) -> None:
@@ -329,7 +359,7 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
         echo(f"study: not in git, copied into each experiment's folder (-C) but not recorded in its commit: "
              f"{', '.join(copies)}")
     copy_args = [arg for path in copies for arg in ("-C", path)]
-    earlier = queue_tasks(_run(dvc + ["queue", "status"])) if todo else frozenset()
+    earlier = queue_tasks(_queue_status(dvc, poll_s)) if todo else frozenset()
     for i, exp in enumerate(todo, start=1):
         _run(dvc + exp.command()[1:] + copy_args)
         echo(f"study: queued {exp.name} ({i}/{len(todo)})")
@@ -340,7 +370,7 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
     states: dict[str, str] = {}
     dead_polls = restarts = 0
     while names:
-        status = _run(dvc + ["queue", "status"])
+        status = _queue_status(dvc, poll_s)
         states = queue_states(status, names, skip=earlier)
         done = [n for n in names if states.get(n) in FINISHED]
         line = f"study: {len(done)}/{len(names)} finished, {sum(states.get(n) == 'running' for n in names)} running"

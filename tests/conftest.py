@@ -31,7 +31,7 @@ TINY = {
     "objective": {"vicreg_coeffs": {"expander_dim": 64}},
     "pretrain": {"steps": 6, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
     "finetune": {"steps": 6, "batch_size": 8, "num_workers": 0, "checkpoint_every": 2, "log_every": 1},
-    "eval": {"k_test": 8, "batch_size": 16, "itm_batch_size": 32},
+    "eval": {"k_test": 8, "batch_size": 16, "itm_batch_size": 32, "rerank_fit_steps": 20, "rerank_fit_every": 10},
     "tracking": {"system_metrics": False},
 }
 

@@ -236,8 +236,10 @@ def test_run_evaluate_outputs_recompute_independently(tiny_data, split, tmp_path
 def test_zero_head_reranks_to_the_exact_itc_ranks(tiny_data, split, tmp_path) -> None:
     """The evaluate stage on a model whose ITM head is still at zero: the residual
     re-ranker's ranks equal the ITC-only ranks, query for query, whatever k and ITC weight
-    the val split chose; the seed's scorer (the margin alone, all tied at 0) does not."""
-    cfg = tiny_config(eval__k_test=12, eval__rerank_ks=[4, 12], eval__rerank_itc_weights=[0.5, 3.0])
+    the val split chose; the seed's scorer (the margin alone, all tied at 0) does not. (No
+    refit: with ``eval.rerank_fit_steps`` 0 the head is scored as trained.)"""
+    cfg = tiny_config(eval__k_test=12, eval__rerank_ks=[4, 12], eval__rerank_itc_weights=[0.5, 3.0],
+                      eval__rerank_fit_steps=0)
     models = {"finetune": _save_weights(_model(3, tiny_data["prepared"], zero_head=True),
                                         tmp_path / "models/finetune/model.safetensors")}
     details = run_evaluate(cfg, tiny_data["prepared"], models, tmp_path / "reports", device="cpu", log_mlflow=False)

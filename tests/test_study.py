@@ -163,13 +163,16 @@ Worker status: 1 active, 0 idle
     assert study.queue_states(later, ["abl-mamo-s1"], skip=frozenset({"5e5e5e5"})) == {"abl-mamo-s1": "running"}
 
 
-def _fake_dvc(monkeypatch, plan, existing=(), untracked=(), states=("queued", "running", "success"), dead=0):
+def _fake_dvc(monkeypatch, plan, existing=(), untracked=(), states=("queued", "running", "success"), dead=0,
+              status_failures=()):
     """A stand-in for subprocess.run: records the dvc calls and plays a queue whose tasks go
     through ``states`` (one per poll) and whose first ``dead`` polls list no live worker; git
-    status reports ``untracked`` files."""
+    status reports ``untracked`` files. ``status_failures``: for each ``dvc queue status``
+    call in order, True makes it fail the way DVC does on the pidbox race."""
     calls: list[list[str]] = []
     polls = iter(states)
     dead_polls = iter([True] * dead)
+    failures = iter(status_failures)
     def fake_run(cmd, **kwargs):
         if cmd[:2] == ["git", "status"]:
             return subprocess.CompletedProcess(cmd, 0, "".join(f"?? {p}\0" for p in untracked), "")
@@ -177,6 +180,10 @@ def _fake_dvc(monkeypatch, plan, existing=(), untracked=(), states=("queued", "r
             return subprocess.CompletedProcess(cmd, 0, PARAMS.read_text(), "")
         calls.append(cmd[2:])  # drop "<python> -m"
         out = ""
+        if cmd[3:5] == ["queue", "status"] and next(failures, False):
+            return subprocess.CompletedProcess(cmd, 255, "Task  Name  Created  Status\n", (
+                "ERROR: unexpected error - Extra data: line 1 column 850 (char 849)\n\n"
+                "Having any troubles? Hit us up at https://dvc.org/support, we are always happy to help!\n"))
         if cmd[3:5] == ["queue", "status"]:  # an earlier study's task of each name stays listed
             header = "Task     Name    Created    Status\n"
             earlier = "".join(f"old{i:03d}  {exp.name}  09:00 AM  Success\n" for i, exp in enumerate(plan))
@@ -218,6 +225,23 @@ def test_run_study_queues_waits_and_reports(monkeypatch, params) -> None:
     assert [c[1:3] for c in calls[5:8]] == [["queue", "status"]] * 3
     assert calls[8] == ["stages", "report", "--params", str(params)]
     assert len(calls) == 9
+
+
+def test_a_failing_status_poll_is_tried_again_then_named(monkeypatch, params, capsys) -> None:
+    """`dvc queue status` fails now and then while two workers run (treeverse/dvc-task 73): the
+    study polls again; only STATUS_RETRIES + 1 failures in a row stop it, with DVC's own error
+    line, not its support boilerplate."""
+    plan = study.ablation_plan(1)[:1]
+    calls = _fake_dvc(monkeypatch, plan, status_failures=[False, True, True, False, True])
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)
+    assert calls[-1][:2] == ["stages", "report"]
+    err = capsys.readouterr().err
+    assert err.count("Extra data: line 1 column 850") == 3 and "Having any troubles" not in err
+
+    _fake_dvc(monkeypatch, plan, status_failures=[False] + [True] * (study.STATUS_RETRIES + 1))
+    with pytest.raises(study.StudyFailed, match=r"queue status` failed \(255\): ERROR: unexpected error - Extra "
+                                                r"data.* \(6 polls in a row\)"):
+        study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0)
 
 
 def test_stopped_queue_workers_are_started_again_and_then_given_up(monkeypatch, params, capsys) -> None:

@@ -26,7 +26,8 @@ TINY_SETTINGS = [
     "++pretrain.val_every=3", "++pretrain.log_every=1",
     "finetune.steps=4", "++finetune.batch_size=8", "++finetune.num_workers=0", "++finetune.checkpoint_every=2",
     "++finetune.val_every=2", "++finetune.log_every=1",
-    "eval.k_test=8", "++eval.diag_queries=8", "++eval.diag_pairs=8",
+    "eval.k_test=8", "++eval.diag_queries=8", "++eval.diag_pairs=8", "++eval.rerank_fit_steps=20",
+    "++eval.rerank_fit_every=10",
     "++tracking.system_metrics=false", "++report.bootstrap_samples=100", "++report.gallery_queries=2",
 ]
 

@@ -27,7 +27,10 @@ def mlflow_values(entry: Mapping[str, Any]) -> dict[str, float]:
     """One model's details entry as flat MLflow metric names: ``itm_r_mean``,
     ``itc_tr_r1``, ``diag_itm_auc``, ``diag_image_use_gap`` ... (None values left out)."""
     values = {f"{scorer}_{k}": v for scorer in SCORE_KEYS for k, v in entry.get(scorer, {}).items()}
-    values |= {f"rerank_chosen_{k}": v for k, v in entry.get("rerank_choice", {}).items() if k in ("k", "itc_weight")}
+    choice = entry.get("rerank_choice", {})
+    values |= {f"rerank_chosen_{k}": v for k, v in choice.items() if k in ("k", "itc_weight")}
+    if "chosen_step" in choice.get("fit", {}):
+        values["rerank_chosen_fit_step"] = choice["fit"]["chosen_step"]
     values |= {f"diag_{k}": v for k, v in entry.get("diagnostics", {}).items()}
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
 
@@ -92,17 +95,31 @@ def headline_metrics(details: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tune_rerank(model: torch.nn.Module, cfg: Config, val: RetrievalSplit, device: torch.device | str) -> dict[str, Any]:
-    """The residual re-ranker's k and ITC weight, chosen on the val split
-    (``eval.rerank_ks`` x ``eval.rerank_itc_weights``; :func:`choose_rerank`), with the
-    ``tau`` of the objective. The test split never chooses anything."""
+def tune_rerank(model: torch.nn.Module, cfg: Config, val: RetrievalSplit, train: RetrievalSplit,
+                device: torch.device | str) -> dict[str, Any]:
+    """The residual re-ranker, fitted and chosen without the test split: its head refitted
+    on ``train``'s ITC top-k groups (``eval.rerank_fit_*``, :mod:`rerank_fit`; written into
+    ``model``), then its k and ITC weight chosen on the ``val`` split (``eval.rerank_ks`` x
+    ``eval.rerank_itc_weights``; :func:`choose_rerank`), with the ``tau`` of the objective."""
+    from dmp_core.evaluation.rerank_fit import Corrector, bank_candidates, fit_rerank_head, pair_bank
+
     ev = cfg.eval
-    enc = encode_split(model, val, ev.batch_size, device)
-    sim = itc_similarity(enc, ev.chunk_size)
-    cands = rerank_candidates(model, enc, sim, max(ev.rerank_k_choices), ev.itm_batch_size, ev.chunk_size)
     tau = cfg.objective.rerank_tau
-    choice = choose_rerank(cands, sim, val.txt2img, ev.rerank_k_choices, ev.rerank_itc_weights, tau)
-    return {**choice, "tau": tau, "split": "val", "val_images": val.n_images, "val_texts": val.n_texts}
+    sizes = dict(batch_size=ev.batch_size, itm_batch_size=ev.itm_batch_size, chunk_size=ev.chunk_size, device=device)
+    val_bank = pair_bank(model, val, max(ev.rerank_k_choices), **sizes)
+    fit: dict[str, Any] = {"steps": 0}
+    if ev.rerank_fit_steps:
+        fit_split = train.subset(min(ev.rerank_fit_images, train.n_images))
+        fit = fit_rerank_head(model, pair_bank(model, fit_split, ev.k_test, **sizes), val_bank,
+                              steps=ev.rerank_fit_steps, lr=ev.rerank_fit_lr, batch=ev.rerank_fit_batch,
+                              every=ev.rerank_fit_every, tau=tau, ks=ev.rerank_k_choices,
+                              itc_weights=ev.rerank_itc_weights, seed=cfg.seed)
+        choice = fit.pop("choice")
+        fit["train_images"] = fit_split.n_images
+    else:
+        choice = choose_rerank(bank_candidates(val_bank, Corrector(model)), val_bank.sim_i2t, val.txt2img,
+                               ev.rerank_k_choices, ev.rerank_itc_weights, tau)
+    return {**choice, "tau": tau, "split": "val", "val_images": val.n_images, "val_texts": val.n_texts, "fit": fit}
 
 
 def run_evaluate(
@@ -162,9 +179,10 @@ def run_evaluate(
     ranks: dict[str, np.ndarray] = {"txt2img": txt2img, "clusters": clusters}
     last: dict[str, np.ndarray] = {}
     val = RetrievalSplit.from_prepared(prepared_dir, "val")
+    train = RetrievalSplit.from_prepared(prepared_dir, "train")
     for name, weights in models.items():
         model = load_model(cfg, weights, vocab_size, device)
-        choice = tune_rerank(model, cfg, val, device)
+        choice = tune_rerank(model, cfg, val, train, device)  # refits the re-ranking head in ``model``
         data_enc = encode_split(model, data, cfg.eval.batch_size, device)
         itc_i2t = itc_similarity(data_enc, cfg.eval.chunk_size)
         cands = rerank_candidates(model, data_enc, itc_i2t, cfg.eval.k_test, cfg.eval.itm_batch_size,
@@ -188,6 +206,7 @@ def run_evaluate(
             moved = (ranks[f"{name}_{scorer}_tr"], ranks[f"{name}_{scorer}_ir"])
             diag.update(rerank_moves(itc_ranks, moved, k, prefix=scorer))
         diag["rerank_k"], diag["rerank_itc_weight"] = choice["k"], choice["itc_weight"]
+        diag["rerank_fit_step"] = choice["fit"].get("chosen_step", 0)
         diag.update(modality_gaps(model, data, cfg, special))
         entry["diagnostics"] = diag
         details["models"][name] = entry

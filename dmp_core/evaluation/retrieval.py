@@ -193,15 +193,40 @@ def pair_scores(
     model: torch.nn.Module, enc: EncodedSplit, image_idx: torch.Tensor, text_idx: torch.Tensor, itm_batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ITM margins ``l1 - l0``, re-ranking corrections r) of the fused pairs
-    (image_idx[p], text_idx[p]) (:meth:`DMPModel.pair_scores`), in batches.
+    (image_idx[p], text_idx[p]) (:meth:`DMPModel.pair_scores`), in batches."""
+    out = _fused_pairs(model, enc, image_idx, text_idx, itm_batch_size,
+                       lambda joint, mask: model.pair_scores(joint, mask), widths=(1, 1))
+    return out[0][:, 0], out[1][:, 0]
+
+
+@torch.inference_mode()
+def pair_states(
+    model: torch.nn.Module, enc: EncodedSplit, image_idx: torch.Tensor, text_idx: torch.Tensor, itm_batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused pair states [P, D] float32, ITM margins [P]) of the pairs (image_idx[p],
+    text_idx[p]): what the re-ranking head reads (:meth:`DMPModel.pair_state`), kept so
+    that the head can be refitted on them without fusing again (:mod:`rerank_fit`)."""
+    def states(joint: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = model.pair_state(joint, mask)
+        logits = model.itm_head(state)
+        return state, (logits[:, 1] - logits[:, 0])[:, None]
+
+    dim = model.pair_state_dim
+    out = _fused_pairs(model, enc, image_idx, text_idx, itm_batch_size, states, widths=(dim, 1))
+    return out[0], out[1][:, 0]
+
+
+def _fused_pairs(model: torch.nn.Module, enc: EncodedSplit, image_idx: torch.Tensor, text_idx: torch.Tensor,
+                 itm_batch_size: int, read, widths: tuple[int, ...]) -> list[torch.Tensor]:
+    """Fuse the pairs (image_idx[p], text_idx[p]) in batches and collect ``read(joint,
+    mask)``'s outputs (one [B] or [B, w] tensor per entry of ``widths``) as float32 [P, w].
 
     Pairs are grouped by caption length and each batch is cut to its longest caption: with
     the additive padding mask, padding never changes a real token's state, so this only
     saves the fusion work on padding (captions average ~14 of 32 tokens here)."""
-    out = torch.empty(len(image_idx), dtype=torch.float32)
-    residual = torch.empty(len(image_idx), dtype=torch.float32)
+    outs = [torch.empty(len(image_idx), w, dtype=torch.float32) for w in widths]
     if len(image_idx) == 0:
-        return out, residual
+        return outs
     dtype = next(model.parameters()).dtype
     lengths = enc.text_mask.sum(dim=1).cpu()
     order = torch.argsort(lengths[text_idx.cpu()], descending=True, stable=True)
@@ -212,9 +237,9 @@ def pair_scores(
         width = int(lengths[tx.cpu()].max())
         mask = enc.text_mask[tx, :width]
         joint = model.fuse(enc.image_states[im].to(dtype), enc.text_states[tx, :width].to(dtype), mask)
-        margin, correction = model.pair_scores(joint, mask)
-        out[rows], residual[rows] = margin.float().cpu(), correction.float().cpu()
-    return out, residual
+        for out, value in zip(outs, read(joint, mask)):
+            out[rows] = value.float().reshape(len(rows), -1).cpu()
+    return outs
 
 
 def itc_similarity(enc: EncodedSplit, chunk_size: int = 1024) -> np.ndarray:
@@ -259,26 +284,52 @@ SCORERS = {
 
 def rerank_candidates(model: torch.nn.Module, enc: EncodedSplit, sim_i2t: np.ndarray, k_test: int,
                       itm_batch_size: int, chunk_size: int = 1024) -> Candidates:
-    """The ITC top-``k_test`` of every image and caption query, and their ITM margins.
+    """The ITC top-``k_test`` of every image and caption query (:func:`candidate_pairs`),
+    with their ITM margins and re-ranking corrections; each distinct pair is fused once."""
+    pairs = candidate_pairs(sim_i2t, k_test, chunk_size)
+    n_texts = sim_i2t.shape[1]
+    margins, residuals = pair_scores(model, enc, pairs.unique // n_texts, pairs.unique % n_texts, itm_batch_size)
+    return pairs.candidates(sim_i2t, margins.numpy(), residuals.numpy())
 
-    A pair that is a candidate in both directions (every gold pair of a good model) is
-    fused once. Candidates are chosen ``chunk_size`` queries at a time."""
+
+@dataclass
+class CandidatePairs:
+    """Every query's ITC top-``k`` as pairs: ``unique`` image * n_texts + text ids of the
+    distinct (image, text) pairs, and ``inverse`` mapping the i2t candidates (row-major,
+    [images, k_i2t]) then the t2i candidates ([texts, k_t2i]) onto them."""
+
+    k: int
+    i2t_top: torch.Tensor  # [images, k_i2t] text ids, best first
+    t2i_top: torch.Tensor  # [texts, k_t2i] image ids
+    unique: torch.Tensor
+    inverse: torch.Tensor
+
+    def candidates(self, sim_i2t: np.ndarray, margins: np.ndarray, residuals: np.ndarray) -> "Candidates":
+        """:class:`Candidates` from per-unique-pair margins and corrections."""
+        n_images, n_texts = sim_i2t.shape
+        n = self.i2t_top.numel()
+        margins, residuals = margins[self.inverse.numpy()], residuals[self.inverse.numpy()]
+        k_i2t, k_t2i = self.i2t_top.shape[1], self.t2i_top.shape[1]
+        return Candidates(k=self.k, i2t_top=self.i2t_top.numpy(), t2i_top=self.t2i_top.numpy(),
+                          i2t_margin=margins[:n].reshape(n_images, k_i2t),
+                          t2i_margin=margins[n:].reshape(n_texts, k_t2i),
+                          i2t_residual=residuals[:n].reshape(n_images, k_i2t),
+                          t2i_residual=residuals[n:].reshape(n_texts, k_t2i),
+                          i2t_itc_rank=_dense_rank_desc(sim_i2t), t2i_itc_rank=_dense_rank_desc(sim_i2t.T))
+
+
+def candidate_pairs(sim_i2t: np.ndarray, k: int, chunk_size: int = 1024) -> CandidatePairs:
+    """The ITC top-``k`` of every image and caption query (k clipped to the split), a pair
+    that is a candidate in both directions listed once; ``chunk_size`` queries at a time."""
     n_images, n_texts = sim_i2t.shape
     sim = torch.from_numpy(sim_i2t)
-    k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)  # clipped to the split
+    k_i2t, k_t2i = min(k, n_texts), min(k, n_images)  # clipped to the split
     i2t_top = torch.cat([sim[s : s + chunk_size].topk(k_i2t, dim=1).indices for s in range(0, n_images, chunk_size)])
     t2i_top = torch.cat([sim[:, s : s + chunk_size].T.topk(k_t2i, dim=1).indices for s in range(0, n_texts, chunk_size)])
     i2t_pairs = torch.arange(n_images).repeat_interleave(k_i2t) * n_texts + i2t_top.reshape(-1)
     t2i_pairs = t2i_top.reshape(-1) * n_texts + torch.arange(n_texts).repeat_interleave(k_t2i)
     unique, inverse = torch.unique(torch.cat([i2t_pairs, t2i_pairs]), return_inverse=True)
-    margins, residuals = (x[inverse].numpy() for x in
-                          pair_scores(model, enc, unique // n_texts, unique % n_texts, itm_batch_size))
-    n = len(i2t_pairs)
-    return Candidates(k=k_test, i2t_top=i2t_top.numpy(), t2i_top=t2i_top.numpy(),
-                      i2t_margin=margins[:n].reshape(n_images, k_i2t), t2i_margin=margins[n:].reshape(n_texts, k_t2i),
-                      i2t_residual=residuals[:n].reshape(n_images, k_i2t),
-                      t2i_residual=residuals[n:].reshape(n_texts, k_t2i),
-                      i2t_itc_rank=_dense_rank_desc(sim_i2t), t2i_itc_rank=_dense_rank_desc(sim_i2t.T))
+    return CandidatePairs(k=k, i2t_top=i2t_top, t2i_top=t2i_top, unique=unique, inverse=inverse)
 
 
 def scorer_matrices(cands: Candidates, sim_i2t: np.ndarray, scorer: str, *, k: Optional[int] = None,

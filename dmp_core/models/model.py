@@ -158,6 +158,11 @@ class DMPModel(nn.Module):
     def text_embed(self, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_features(text_states, attention_mask).float(), dim=-1)
 
+    @property
+    def pair_state_dim(self) -> int:
+        """Width of :meth:`pair_state`, the input of the ITM and re-ranking heads."""
+        return self.rank_head[0].in_features
+
     def pair_state(self, joint: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The fused pair state [B, D] (or [B, 2D] for ``concat`` / ``text_cls_mean``) read
         by the ITM head; ``attention_mask`` [B, L] marks the real text tokens of ``joint``."""
