@@ -129,6 +129,57 @@ def test_itm_negatives_come_from_the_gathered_batch(tmp_path, uniform):
         assert torch.isfinite(got["loss_itm"]) and got["vision_grad"] > 0
 
 
+def _listwise_batch(rank: int, b: int = 4, length: int = 16) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s half: 4 captions of ONE image (the image id is the rank)."""
+    gen = torch.Generator().manual_seed(rank)
+    return {"image": torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=gen),
+            "image_id": torch.full((b,), rank), "caption_id": torch.arange(b) + rank * b,
+            "input_ids": torch.randint(1000, 2000, (b, length), generator=gen),
+            "attention_mask": torch.ones(b, length, dtype=torch.long)}
+
+
+def _listwise_setup():
+    from dmp_core.models import create_model
+    from dmp_core.training.meta_arch import create_pretrainer
+
+    torch.manual_seed(0)  # identical weights on every rank and in the reference
+    cfg = tiny_config(objective__itm_loss="listwise", objective__itm_group_size=3, objective__mlm=False,
+                      objective__mim=False, objective__vicreg=False)
+    model = create_model(cfg.model, image_size=cfg.data.image_size, vocab_size=30522)
+    pretrainer = create_pretrainer(cfg, "finetune", model)
+    rows: list[int] = []
+    pretrainer.model.rank_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    return pretrainer, rows
+
+
+def _listwise_worker(rank: int, port: int, out_dir: str) -> None:
+    """Within a rank's batch no listwise negative exists (one image); every group's
+    candidates must come from the other rank's half."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        pretrainer, rows = _listwise_setup()
+        out = pretrainer(_listwise_batch(rank))
+        torch.save({"rows": rows[0], "loss_itm": out["loss_itm"].detach()}, Path(out_dir) / f"lw{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_listwise_groups_come_from_the_gathered_batch_and_match_one_process(tmp_path):
+    mp.spawn(_listwise_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"lw{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    # per rank: 4 positives + 4 x 3 i2t and 4 x 3 t2i candidates, all of the other rank's image
+    # or captions (a group of local candidates would be empty: the same image everywhere)
+    assert [g["rows"] for g in got] == [4 * (1 + 3 + 3)] * WORLD
+    pretrainer, rows = _listwise_setup()
+    halves = [_listwise_batch(rank) for rank in range(WORLD)]
+    reference = pretrainer({k: torch.cat([h[k] for h in halves]) for k in halves[0]})["loss_itm"]
+    # equal halves: the global loss is the mean of the ranks' losses (each over its own anchors)
+    torch.testing.assert_close((got[0]["loss_itm"] + got[1]["loss_itm"]) / 2, reference.detach(),
+                               rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(840)

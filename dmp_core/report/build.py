@@ -100,7 +100,8 @@ def build_report(
             "No evaluation results yet (reports/evaluate/details.json and metrics.json are missing).",
             "One row per method and model, on each run's test split: *finetuned* and *zero-shot* (after "
             "pretraining) with the headline scorer named in the Scorer column (residual re-ranked: the ITC top-k "
-            "re-ordered by w · ITC similarity / tau plus the re-ranking head's correction, k and w chosen on the val "
+            "re-ordered by w · ITC similarity / tau plus the re-ranking head's correction, the head refitted on the "
+            "ITC top-k of training images with the rest of the model frozen, its step, k and w chosen on the val "
             "split; ITM re-ranked: the ITM margin alone re-orders the top-k). *R mean, seed's scorer* is the same "
             "model ranked by the seed's protocol (ALBEF: the ITM margin alone on the ITC top-k), *ITC R mean* by "
             "ITC alone. Runs differing only in `seed` are one row. The chance "
@@ -122,7 +123,9 @@ def build_report(
             "eval.gap_image_mask_ratio). Re-ranked gold up / down / same (net): of the queries whose gold lies in "
             "the ITC top-k, how many the headline scorer moved up, down or left in place, and the net promotions "
             "(R@1 depends on the head of the list, which an AUC does not see); the same for the seed's scorer; "
-            "k, ITC weight: the residual re-ranker's knobs chosen on the val split. 'below floor' flags "
+            "k, ITC weight, fit step: the residual re-ranker's knobs chosen on the val split, the step being "
+            "that of its head's refit on the ITC top-k of training images (0: the head as trained). "
+            "'below floor' flags "
             + ", ".join(f"{DIAGNOSTIC_NAMES[k]} < {v:g}" for k, v in DIAGNOSTIC_FLOORS.items()) + ".")
 
     lines.extend(["## Statistics", ""])

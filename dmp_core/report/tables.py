@@ -159,7 +159,7 @@ def diagnostics_table(groups: Sequence[Group]) -> pd.DataFrame:
                     "ITM AUC random [95% CI]": _with_ci(diag, "itm_auc_random"),
                     "re-ranked gold: up / down / same (net)": _moves(diag, "rerank"),
                     "seed's scorer: up / down / same (net)": _moves(diag, SEED_SCORER),
-                    "k, ITC weight (val)": _knobs(diag),
+                    "k, ITC weight, fit step (val)": _knobs(diag),
                     "image-use gap, nats (rel.)": _with_rel(diag, "image_use_gap"),
                     "text-use gap (rel.)": _with_rel(diag, "text_use_gap"),
                     "MLM loss matched / shuffled": _pair(diag.get("mlm_loss_matched"), diag.get("mlm_loss_shuffled")),
@@ -178,8 +178,12 @@ def _moves(diag: Mapping[str, Any], prefix: str) -> str:
 
 
 def _knobs(diag: Mapping[str, Any]) -> str:
-    k, w = diag.get("rerank_k"), diag.get("rerank_itc_weight")
-    return f"{k:.0f}, {w:g}" if isinstance(k, (int, float)) and isinstance(w, (int, float)) else "–"
+    """``16, 2, 150``: the re-ranker's k, ITC weight and refit step chosen on val (the step
+    is absent from runs evaluated before the refit existed)."""
+    k, w, step = diag.get("rerank_k"), diag.get("rerank_itc_weight"), diag.get("rerank_fit_step")
+    if not (isinstance(k, (int, float)) and isinstance(w, (int, float))):
+        return "–"
+    return f"{k:.0f}, {w:g}" + (f", {step:.0f}" if isinstance(step, (int, float)) else "")
 
 
 def _with_ci(diag: Mapping[str, Any], key: str) -> str:
