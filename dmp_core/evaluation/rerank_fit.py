@@ -11,15 +11,16 @@ last step of training the re-ranker, with everything else frozen:
    so that its ITC neighbourhoods are as hard as the test split's. Every image and caption
    query's ITC top-k (k = ``eval.k_test``) is fused once, and the pair states
    (:meth:`DMPModel.pair_state`) and ITM margins are kept (:class:`PairBank`).
-2. The head (``rank_head`` and the weight on the margin, starting from the trained
-   values) is fitted by cross-entropy over each query's k candidates with the residual
+2. The head (``rank_head`` and the weight on the margin) is fitted by cross-entropy over each query's k candidates with the residual
    score ``s / tau + r``: the target is the set of gold candidates (queries without one
    give no signal and are left out), and a candidate of another image that carries a
-   caption byte-identical to a gold one is left out of the group (a true match).
+   caption byte-identical to a gold one is left out of the group (a true match). The
+   head's last layer and the margin weight restart from zero, its hidden layer keeps what
+   training learnt: before the first step the re-ranked order is ITC's exactly.
 3. Every ``eval.rerank_fit_every`` steps, and before the first, the head is scored on the
    val split's bank with the re-ranker's val grid (k x ITC weight, :func:`choose_rerank`);
-   the best step wins, ties to the earlier one, step 0 being the head as trained. The
-   test split never chooses anything.
+   the best step wins, ties to the earlier one. Step 0 is ITC's order, so where no step
+   beats ITC on val the re-ranker keeps ITC's ranks. The test split never chooses anything.
 
 Cost: one extra encode and fusion pass over the train subset's top-k (as much as the test
 split's), then a few seconds of head updates on the stored states.
@@ -68,12 +69,21 @@ def pair_bank(model: nn.Module, data: RetrievalSplit, k: int, *, batch_size: int
 
 
 class Corrector(nn.Module):
-    """The re-ranking correction ``r = rank_head(state) + a * margin`` (a copy of the model's)."""
+    """The re-ranking correction ``r = rank_head(state) + a * margin`` (a copy of the model's).
 
-    def __init__(self, model: nn.Module):
+    ``restart``: the head's last layer and ``a`` start again from zero, so that ``r`` is 0 and
+    the re-ranked order is ITC's exactly; the head's hidden layer keeps what training learnt."""
+
+    def __init__(self, model: nn.Module, restart: bool = False):
         super().__init__()
         self.head = copy.deepcopy(model.rank_head).float()
         self.margin_weight = nn.Parameter(model.rank_margin_weight.detach().float().clone())
+        if restart:
+            with torch.no_grad():
+                last = self.head[-1]
+                last.weight.zero_()
+                last.bias.zero_()
+                self.margin_weight.zero_()
 
     def forward(self, states: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
         return self.head(states).squeeze(-1) + self.margin_weight * margins
@@ -148,11 +158,13 @@ def fit_rerank_head(model: nn.Module, train: PairBank, val: PairBank, *, steps: 
                     every: int, tau: float, ks: Sequence[int], itc_weights: Sequence[float],
                     seed: int) -> dict[str, Any]:
     """Fit the re-ranking head on ``train``'s groups; keep the step whose val grid R mean is
-    best (step 0: the head as trained). Writes the chosen head into ``model`` and returns
+    best. The head restarts from zero output (:class:`Corrector` ``restart``), so step 0 is
+    ITC's order exactly and a fit that does not help on val leaves the test ranks at ITC's.
+    Writes the chosen head into ``model`` and returns
     ``{"steps", "chosen_step", "val_r_mean" {step: R mean}, "train_loss" {step: loss},
     "train_queries", "choice"}`` (``choice``: the val grid's pick for the chosen head)."""
     groups = fit_groups(train)
-    corrector = Corrector(model)
+    corrector = Corrector(model, restart=True)
     best_state: Optional[dict[str, torch.Tensor]] = None
     best: Optional[tuple[float, int, dict[str, Any]]] = None
     val_curve: dict[int, float] = {}

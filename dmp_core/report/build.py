@@ -124,7 +124,7 @@ def build_report(
             "the ITC top-k, how many the headline scorer moved up, down or left in place, and the net promotions "
             "(R@1 depends on the head of the list, which an AUC does not see); the same for the seed's scorer; "
             "k, ITC weight, fit step: the residual re-ranker's knobs chosen on the val split, the step being "
-            "that of its head's refit on the ITC top-k of training images (0: the head as trained). "
+            "that of its head's refit on the ITC top-k of training images (0: no correction, ITC's order). "
             "'below floor' flags "
             + ", ".join(f"{DIAGNOSTIC_NAMES[k]} < {v:g}" for k, v in DIAGNOSTIC_FLOORS.items()) + ".")
 
