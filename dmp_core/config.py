@@ -319,6 +319,15 @@ class TrainParams(_Section):
         return self
 
 
+class PretrainParams(TrainParams):
+    """The pretraining recipe: the training knobs plus the seed paper's data axis."""
+
+    # nested share of the training images that pretraining sees (the seed's "data percentage
+    # scaling for the number of pretraining samples"); finetuning and the re-ranker's refit
+    # always see the whole training split. Equal steps at every value (a smaller share repeats)
+    data_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+
 class FinetuneParams(TrainParams):
     """The finetuning recipe: the same knobs, its own defaults (a dict in params.yaml that
     sets one key keeps these defaults for the others)."""
@@ -398,7 +407,7 @@ class Config(_Section):
     targets: TargetsParams = TargetsParams()
     model: ModelParams = ModelParams()
     objective: ObjectiveParams = ObjectiveParams()
-    pretrain: TrainParams = TrainParams()
+    pretrain: PretrainParams = PretrainParams()
     finetune: FinetuneParams = FinetuneParams()
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
@@ -430,14 +439,20 @@ class Config(_Section):
             if bare or not self.model.pretrained:
                 raise ValueError(f"objective.variant=frozen locks both towers, but model.preset={self.model.preset} "
                                  f"has no pretrained {' or '.join(bare) or 'towers (model.pretrained=false)'} tower")
+        if self.pretrain.data_fraction < 1.0 and self.pretrain.neighbour_batches > 1:
+            raise ValueError("pretrain.neighbour_batches groups neighbours among all training images; it needs "
+                             f"pretrain.data_fraction=1 (got {self.pretrain.data_fraction:g})")
         if self.data.name == "synthetic":
             n_train = math.ceil(self.data.synthetic.n_train * self.data.fraction)
             for stage in ("pretrain", "finetune"):
                 train = getattr(self, stage)
-                pairs = n_train * (1 if train.captions == "one_per_image" else self.data.synthetic.captions_per_image)
+                share = self.pretrain.data_fraction if stage == "pretrain" else 1.0
+                images = max(1, math.ceil(n_train * share))
+                pairs = images * (1 if train.captions == "one_per_image" else self.data.synthetic.captions_per_image)
                 if pairs < train.batch_size:
                     raise ValueError(f"{stage}.batch_size={train.batch_size} exceeds the {pairs} synthetic training "
-                                     f"pairs (data.synthetic.n_train x data.fraction)")
+                                     f"pairs (data.synthetic.n_train x data.fraction"
+                                     f"{' x pretrain.data_fraction' if share < 1 else ''})")
         return self
 
 

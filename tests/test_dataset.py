@@ -105,3 +105,31 @@ def test_missing_files_are_clear_errors(prepared, tmp_path):
         PairDataset(tmp_path, "train")
     with pytest.raises(DataError, match=r"val/hog\.npy: not found"):
         PairDataset(prepared / "prepared", "val", targets_dir=prepared / "targets", target_kinds=("hog",))
+
+
+@pytest.mark.parametrize("captions", ["all", "one_per_image"])
+def test_image_subset_holds_exactly_the_items_of_its_images(prepared, captions):
+    """pretrain.data_fraction's view: every item of a kept image, none of another, read unchanged."""
+    from dmp_core.training.dataset import ImageSubset, pretrain_images
+
+    ds = PairDataset(prepared / "prepared", "train", targets_dir=prepared / "targets", target_kinds=("hog",),
+                     captions=captions, seed=3)
+    keep = pretrain_images(ds.num_images, 0.25, seed=3)
+    sub = ImageSubset(ds, keep)
+    assert sub.num_images == len(keep) == 12  # ceil(0.25 * 48)
+    brute = [i for i in range(len(ds)) if ds.image_of_item(i) in set(keep.tolist())]
+    assert sub.items.tolist() == brute and len(sub) == len(keep) * (3 if captions == "all" else 1)
+    sub.set_epoch(2)
+    for j in (0, len(sub) - 1):
+        got, want = sub[j], ds[brute[j]]
+        assert sub.image_of_item(j) == int(got["image_id"]) and int(got["image_id"]) in keep
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pretrain_images_are_nested_across_fractions_and_differ_by_seed():
+    from dmp_core.training.dataset import pretrain_images
+
+    small, mid, full = (set(pretrain_images(753, f, seed=1).tolist()) for f in (0.25, 0.5, 1.0))
+    assert len(small) == 189 and len(mid) == 377 and full == set(range(753))
+    assert small < mid < full
+    assert set(pretrain_images(753, 0.25, seed=2).tolist()) != small

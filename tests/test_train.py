@@ -199,6 +199,33 @@ def check_stage_outputs(cfg, stage, models, reports, active):
     return metrics
 
 
+def test_pretraining_sees_its_data_fraction_and_finetuning_every_image(tiny_data):
+    """pretrain.data_fraction: the pretraining loader draws only from the nested subset (for
+    as many epochs as the steps need); finetuning's loader draws from every training image."""
+    from dmp_core.training.dataset import pretrain_images
+    from dmp_core.training.loop import DistInfo, _build_data, train_params
+
+    cfg = tiny_config(pretrain__data_fraction=0.25, pretrain__captions="all", finetune__captions="all")
+    seen = {}
+    for stage in ("pretrain", "finetune"):
+        lines = []
+        dataset, sampler, loader = _build_data(cfg, stage, train_params(cfg, stage), tiny_data["prepared"],
+                                               tiny_data["targets"], DistInfo(), None, lines.append)
+        ids = set()
+        for epoch in range(3):
+            sampler.set_position(epoch)
+            for batch in loader:
+                ids |= set(batch["image_id"].tolist())
+        seen[stage] = (ids, dataset.num_images, lines)
+    n_images = seen["finetune"][1]
+    keep = set(pretrain_images(n_images, 0.25, cfg.seed).tolist())
+    assert seen["pretrain"][0] <= keep and len(seen["pretrain"][0]) > len(keep) // 2
+    assert seen["pretrain"][1] == len(keep) and "pretraining sees" in seen["pretrain"][2][0]
+    assert len(seen["finetune"][0]) > len(keep) and not seen["finetune"][2]
+    with pytest.raises(Exception, match="pretrain.data_fraction=1"):
+        tiny_config(pretrain__data_fraction=0.5, pretrain__neighbour_batches=4)
+
+
 @pytest.mark.slow
 def test_short_mamo_pretrain(tiny_data, tmp_path, store):
     """Pretrain 4 steps (val every 2 -> best-weights selection) with the EMA variant; the best

@@ -257,3 +257,43 @@ class PairDataset(Dataset):
         for kind in self.target_kinds:
             item[kind] = torch.from_numpy(np.asarray(a[kind][image_id], dtype=np.float32))
         return item
+
+
+class ImageSubset(Dataset):
+    """The training items of ``dataset`` whose image is one of ``images``: what pretraining
+    sees at ``pretrain.data_fraction`` < 1 (:func:`pretrain_images`). Item ``i`` is the
+    dataset's item ``items[i]``; image ids stay the dataset's, so the MIM targets and
+    ``image_id`` keep pointing at the right rows."""
+
+    def __init__(self, dataset: PairDataset, images: np.ndarray):
+        self.dataset = dataset
+        self.image_ids = np.asarray(images, dtype=np.int64)
+        keep = np.zeros(dataset.num_images, dtype=bool)
+        keep[self.image_ids] = True
+        item_image = np.arange(dataset.num_images) if dataset.captions == "one_per_image" else dataset.txt2img
+        self.items = np.flatnonzero(keep[item_image])
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def image_of_item(self, idx: int) -> int:
+        return self.dataset.image_of_item(int(self.items[idx]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.dataset[int(self.items[idx])]
+
+
+def pretrain_images(num_images: int, data_fraction: float, seed: int) -> np.ndarray:
+    """The nested share of the training images that pretraining sees: the first
+    ``ceil(data_fraction * N)`` of one seeded ranking (the ranking of ``data.fraction``,
+    :func:`~dmp_core.data.preprocess.fraction_subset`), so 0.25 is a subset of 0.5."""
+    from dmp_core.data.preprocess import fraction_subset
+
+    return fraction_subset(num_images, data_fraction, seed)

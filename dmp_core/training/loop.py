@@ -435,10 +435,15 @@ def _build_data(cfg: Config, stage: str, train: TrainParams, prepared_dir: Path,
 
     With ``neighbour_batches`` G > 1 each batch is groups of G mutual ITC neighbours by the
     stage's initial model (:class:`NeighbourBatchSampler`), else a random permutation."""
-    from dmp_core.training.dataset import PairDataset
+    from dmp_core.training.dataset import ImageSubset, PairDataset, pretrain_images
 
-    dataset = PairDataset(prepared_dir, "train", targets_dir=targets_dir, target_kinds=target_kinds(cfg, stage),
-                          captions=train.captions, seed=cfg.seed)
+    dataset: Any = PairDataset(prepared_dir, "train", targets_dir=targets_dir, target_kinds=target_kinds(cfg, stage),
+                               captions=train.captions, seed=cfg.seed)
+    if stage == "pretrain" and cfg.pretrain.data_fraction < 1.0:  # the seed's axis: finetuning sees every image
+        total = dataset.num_images
+        dataset = ImageSubset(dataset, pretrain_images(total, cfg.pretrain.data_fraction, cfg.seed))
+        log(f"pretrain.data_fraction={cfg.pretrain.data_fraction:g}: pretraining sees {dataset.num_images} of the "
+            f"{total} training images ({len(dataset)} pairs)")
     if train.neighbour_batches > 1:
         start = time.perf_counter()
         table = neighbour_table(pretrainer.model, dataset, pool=train.neighbour_pool, device=ddp.device)
