@@ -11,7 +11,18 @@ them into tables, statistics, plots and the gallery:
 - the baseline: HEAD's params.yaml, validated so that schema defaults fill absent keys;
 - staleness: workspace params against HEAD's, and ``dvc status``;
 - MLflow only where git lacks something (run ids by the ``dvc.exp_name`` tag, loss
-  histories from metric histories).
+  histories from metric histories);
+- exported runs (``dmp report --runs DIR``, repeatable): every folder of DIR with
+  ``params.yaml`` and ``reports/evaluate/metrics.json`` (what ``--export-runs`` and
+  ``dmp study`` write), read from disk, named by the folder, sorted by name, and merged
+  with the runs above when params and results are the same.
+
+``--only-runs`` reads the exports alone (no workspace, HEAD, experiment, ``dvc status`` or
+MLflow) and labels them by the ``--params`` file on disk, so that any clone, with or
+without DVC experiments, regenerates a committed results.md byte for byte::
+
+    dmp report --only-runs --runs reports/photos/runs \\
+        --params reports/photos/runs/seed-denoising-s0/params.yaml --reports reports/photos
 """
 from __future__ import annotations
 
@@ -89,6 +100,9 @@ def read_outputs(read: Reader, reports: Path = Path("reports")) -> dict[str, Any
         "details": _json(read(str(evaluate / "details.json")), "details.json", notes),
         "metrics": _json(read(str(evaluate / "metrics.json")), "metrics.json", notes),
         "ranks": None, "training": {}, "run_ids": {}, "history": None, "notes": notes,
+        "split_images": {split: int(counts["images"]) for split, counts in (_json(
+            read(str(reports / "preprocess" / "summary.json")), "preprocess/summary.json", notes) or {})
+            .get("counts", {}).items() if isinstance(counts, dict) and isinstance(counts.get("images"), int)},
     }
     data = read(str(evaluate / "ranks.npz"))
     if data is not None:
@@ -119,7 +133,7 @@ def _run_from_outputs(names: list[str], params: dict, outputs: dict, *, workspac
 
     return Run(names=names, params=params, workspace=workspace, rev=rev, details=outputs["details"],
                ranks=outputs["ranks"], metrics=outputs["metrics"], training=outputs["training"],
-               run_ids=outputs["run_ids"], notes=[*notes, *outputs["notes"]])
+               run_ids=outputs["run_ids"], split_images=outputs["split_images"], notes=[*notes, *outputs["notes"]])
 
 
 def _has_results(outputs: dict) -> bool:
@@ -190,13 +204,14 @@ def experiment_refs(rows: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-def experiment_run(name: str, rev: str, params_path: Path, reports: Path, cwd: Optional[Path] = None):
-    """The Run of one experiment commit, or None when it holds no evaluation results."""
+def stored_run(name: str, read: Reader, params_path: Path, reports: Path, *, rev: Optional[str] = None,
+               where: str = ""):
+    """(Run, loss history) of the files ``read`` gives (an experiment commit, an exported run
+    folder), or None when they hold no evaluation results."""
     import yaml
 
     from dmp_core.report import resolve_params
 
-    read = git_reader(rev, cwd)
     outputs = read_outputs(read, reports)
     if not _has_results(outputs):
         return None
@@ -207,12 +222,56 @@ def experiment_run(name: str, rev: str, params_path: Path, reports: Path, cwd: O
     except yaml.YAMLError:
         raw = None
     if raw is None:
-        notes.append(f"no readable {params_path} in commit {rev}: compared as schema defaults")
+        notes.append(f"no readable {params_path} in {where or name}: compared as schema defaults")
     params, note = resolve_params(raw or {}, f"{name}:{params_path}")
     if note:
         notes.append(note)
     run = _run_from_outputs([name], params, outputs, rev=rev, notes=tuple(notes))
     return run, outputs["history"]
+
+
+def experiment_run(name: str, rev: str, params_path: Path, reports: Path, cwd: Optional[Path] = None):
+    """The Run of one experiment commit, or None when it holds no evaluation results."""
+    return stored_run(name, git_reader(rev, cwd), params_path, reports, rev=rev, where=f"commit {rev}")
+
+
+# ------------------------------------------------------------------ exported runs
+EXPORTED_RUN_FILES = ("params.yaml", "reports/evaluate/metrics.json")  # what makes a folder an exported run
+
+
+def exported_run_dirs(root: Path) -> list[Path]:
+    """``root`` when it is an exported run, else its sub-folders that are, sorted by name."""
+    def is_run(folder: Path) -> bool:
+        return all((folder / name).is_file() for name in EXPORTED_RUN_FILES)
+
+    if is_run(root):
+        return [root]
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name) \
+        if root.is_dir() else []
+    if not folders:
+        from dmp_core.errors import DmpError
+
+        raise DmpError(f"report --runs {root}: no exported run there (a folder with "
+                       f"{' and '.join(EXPORTED_RUN_FILES)})")
+    return folders
+
+
+def exported_run(folder: Path):
+    """(Run, loss history) of one exported run folder, named by the folder; its commit from
+    ``source.json`` where the export wrote one."""
+    source = _json(disk_reader(folder)("source.json"), "source.json", []) or {}
+    commit = source.get("commit")
+    return stored_run(folder.name, disk_reader(folder), Path("params.yaml"), Path("reports"),
+                      rev=str(commit)[:7] if commit else None, where=f"exported run {folder.name}")
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as the report prints it: relative to the working directory when inside it
+    (no machine-dependent prefix in results.md)."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
 
 
 # ------------------------------------------------------------------ MLflow (fallback)
@@ -293,6 +352,35 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)
 
 
+def _superseded(run, runs: list):
+    """The run of ``runs`` with ``run``'s params (seed included) but other results, if any: one
+    seed measured twice (the code or the outputs changed in between), which the report must
+    not count as two."""
+    from dmp_core.report import param_diff
+
+    return next((r for r in runs if r.models and run.models != r.models
+                 and not param_diff(run.params, r.params, keep_seed=True)), None)
+
+
+def _add_exported_runs(inputs: ReportInputs, roots: tuple[Path, ...]) -> None:
+    """The runs exported under each root, in that order (sorted by name within one); one that
+    repeats a run already read (same params and seed) with other results is left out, noted."""
+    for root in roots:
+        for folder in exported_run_dirs(root):
+            found = exported_run(folder)
+            if found is None:
+                continue
+            run, history = found
+            twin = _superseded(run, inputs.runs)
+            if twin is not None:
+                inputs.notes.append(f"Exported run {shown_path(folder)} has the params and seed of {twin.name} but "
+                                    f"other results: {twin.name} is reported, not the export.")
+                continue
+            inputs.runs.append(run)
+            if history is not None and run.names[0] not in inputs.histories:
+                inputs.histories[run.names[0]] = history
+
+
 def _add_head_run(inputs: ReportInputs, head: dict, name: str, sha: str) -> None:
     """The HEAD commit's results as a run, unless the workspace re-ran the same params with other results.
 
@@ -300,11 +388,8 @@ def _add_head_run(inputs: ReportInputs, head: dict, name: str, sha: str) -> None
     included) but other results: the code or the outputs changed since the commit, and
     the workspace's newer run is reported instead (a second row would count one seed twice).
     """
-    from dmp_core.report import param_diff
-
     run = _run_from_outputs([name], inputs.baseline, head, rev=sha)
-    workspace = inputs.runs[0]
-    if workspace.models and run.models != workspace.models and not param_diff(run.params, workspace.params, keep_seed=True):
+    if _superseded(run, inputs.runs[:1]):  # the workspace
         inputs.notes.append(f"{name} has the workspace's params but other results (the code or outputs changed "
                             "since the commit): the workspace's run is reported, not the committed one.")
         return
@@ -314,12 +399,19 @@ def _add_head_run(inputs: ReportInputs, head: dict, name: str, sha: str) -> None
 
 
 def collect(cfg, reports: Path = Path("reports"), *, params_path: Path = Path("params.yaml"), num: int = -1,
-            use_dvc: bool = True, use_mlflow: bool = True) -> ReportInputs:
-    """Runs (workspace, HEAD, experiments), the baseline, warnings, loss histories and notes."""
+            use_dvc: bool = True, use_mlflow: bool = True, runs_dirs: tuple[Path, ...] = (),
+            only_runs: bool = False) -> ReportInputs:
+    """Runs (workspace, HEAD, experiments, then the exports under ``runs_dirs``), the baseline,
+    warnings, loss histories and notes. ``only_runs``: the exports alone, labelled by ``cfg``
+    (the params file on disk), with nothing that depends on git, DVC or MLflow."""
     from dmp_core.report import canonical_params, stale_warnings
 
     inputs = ReportInputs()
     workspace_params = canonical_params(cfg)
+    if only_runs:
+        inputs.baseline, inputs.baseline_source = workspace_params, shown_path(params_path)
+        _add_exported_runs(inputs, runs_dirs)
+        return inputs
     outputs = read_outputs(disk_reader(), reports)
     inputs.runs.append(_run_from_outputs(["workspace"], workspace_params, outputs, workspace=True))
     if outputs["history"] is not None:
@@ -338,7 +430,7 @@ def collect(cfg, reports: Path = Path("reports"), *, params_path: Path = Path("p
         rows, why = experiment_rows(num)
         if why:
             inputs.notes.append(why + "; only the workspace and the HEAD commit are reported.")
-        for name, rev in experiment_refs(rows):
+        for name, rev in sorted(experiment_refs(rows)):
             found = experiment_run(name, rev, params_path, reports)
             if found is None:
                 inputs.notes.append(f"Experiment {name} ({rev}) has no evaluation results in its commit: left out.")
@@ -350,32 +442,62 @@ def collect(cfg, reports: Path = Path("reports"), *, params_path: Path = Path("p
         stale, why = stale_stages()
         if why:
             inputs.notes.append(why + ".")
+    _add_exported_runs(inputs, runs_dirs)
     inputs.warnings = stale_warnings(workspace_params, inputs.baseline, inputs.baseline_source, stale)
     if use_mlflow:
         _fill_from_mlflow(cfg, inputs.runs, inputs.histories, inputs.notes)
     return inputs
 
 
+def _sources(runs_dirs: tuple[Path, ...], experiments: bool, only_runs: bool) -> str:
+    """The runs a report reads, in words (its first sentence)."""
+    exports = f"the exported runs in {', '.join(shown_path(d) for d in runs_dirs)}"
+    if only_runs:
+        return f"{exports} only: no workspace, HEAD commit or DVC experiment"
+    read = "the workspace, the HEAD commit and every DVC experiment" if experiments else \
+        "the workspace and the HEAD commit"
+    return f"{read}, and {exports}" if runs_dirs else read
+
+
+def regenerate_command(runs_dirs: tuple[Path, ...], params_path: Path, reports: Path) -> str:
+    """The ``dmp report --only-runs`` line that writes this report again from the exports."""
+    runs = " ".join(f"--runs {shown_path(d)}" for d in runs_dirs)
+    return f"dmp report --only-runs {runs} --params {shown_path(params_path)} --reports {shown_path(reports)}"
+
+
 def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("data/prepared"), *,
                  params_path: Path = Path("params.yaml"), num: int = -1, experiments: bool = True,
-                 notes: tuple[str, ...] = ()) -> Path:
+                 notes: tuple[str, ...] = (), runs_dirs: tuple[Path, ...] = (), only_runs: bool = False) -> Path:
     """Collect everything and write reports/results.md (+ figures); return its path.
 
-    ``notes``: lines the caller adds to the report's notes (a study's completeness)."""
+    ``notes``: lines the caller adds to the report's notes (a study's completeness);
+    ``runs_dirs``: folders of exported runs read too; ``only_runs``: those alone (see the
+    module docstring), without a gallery (exports hold no images or score matrices)."""
+    from dmp_core.errors import DmpError
     from dmp_core.report import build_report, load_gallery
 
-    inputs = collect(cfg, reports, params_path=params_path, num=num, use_dvc=experiments)
+    runs_dirs = tuple(runs_dirs)
+    if only_runs and not runs_dirs:
+        raise DmpError("report --only-runs: give the exported runs with --runs DIR")
+    inputs = collect(cfg, reports, params_path=params_path, num=num, use_dvc=experiments, runs_dirs=runs_dirs,
+                     only_runs=only_runs)
     scores = reports / "evaluate" / "scores.npz"
     split_dir = prepared / cfg.eval.split
     gallery = (load_gallery(scores, split_dir, dataset=cfg.data.name)
-               if cfg.report.gallery and scores.is_file() and (split_dir / "images.npy").is_file() else None)
+               if not only_runs and cfg.report.gallery and scores.is_file() and (split_dir / "images.npy").is_file()
+               else None)
     no_gallery = ("report.gallery is false (the test images are not to be shown)" if not cfg.report.gallery else
                   f"{scores} or the prepared test split is missing")
+    if only_runs:
+        no_gallery = "the report is built from exported runs, which hold no images or score matrices"
+        command = regenerate_command(runs_dirs, params_path, reports)
+        notes = (*notes, f"Regenerate this report in any clone with `{command}`.")
     path = build_report(inputs.runs, reports, baseline=inputs.baseline, baseline_source=inputs.baseline_source,
                         warnings=inputs.warnings, histories=inputs.histories, gallery=gallery, no_gallery=no_gallery,
                         gallery_queries=cfg.report.gallery_queries,
                         include_seed_numbers=cfg.report.include_seed_numbers,
-                        bootstrap_samples=cfg.report.bootstrap_samples, notes=list(notes) + inputs.notes)
+                        bootstrap_samples=cfg.report.bootstrap_samples, notes=list(notes) + inputs.notes,
+                        sources=_sources(runs_dirs, experiments, only_runs))
     echo(f"report: {path} ({len(inputs.runs)} runs, {len(inputs.histories)} loss histories"
          + (f", {len(inputs.warnings)} warnings" if inputs.warnings else "") + ")")
     return path

@@ -3,20 +3,30 @@
 Each study plans one ``dvc exp run --queue --name <name> -S ++key=value ...`` per
 (setting, seed), checks every planned experiment's params against the schema before
 queueing anything (with DVC's own ``-S`` writer, so what is checked is what will run),
-skips experiments that already exist for this commit (``--rerun`` replaces them),
-starts the queue with ``dvc queue start -j J``, polls ``dvc queue status`` until every
-queued experiment has finished, then writes the report (``dmp report``). ``--dry-run``
-prints the commands as a shell script and runs nothing.
+skips experiments that are finished already, starts the queue with ``dvc queue start -j J``,
+polls ``dvc queue status`` until every queued experiment has finished, then writes the
+report (``dmp report``). ``--dry-run`` prints the commands as a shell script and runs nothing.
+
+Finished already means: an experiment of that name exists for this commit, or a run
+exported to the study's runs folder (``--runs``, default ``reports/runs``) has the same
+method params and seed under any name (:func:`skip_finished`); ``--rerun`` runs them all
+again. Each experiment that finishes successfully is exported to that folder at once
+(:func:`orchestration.export.export_experiment`), so a study that spans sessions and clones
+goes on from its committed exports: commit them, pull in the other clone, run the same command.
 
 Overrides always use ``++key=value``: DVC then sets the key whether or not the lean
 params.yaml lists it (a plain ``key=value`` fails for an absent key); a misspelt key
 is still refused, by the plan check here and by the pipeline's ``params`` stage.
 
-Data scaling measures data, not compute: by default (``--budget steps``) every fraction
-trains the same number of optimiser steps (``pretrain.steps``/``finetune.steps`` set,
-epochs null), so a smaller fraction repeats its images more often. ``--budget epochs``
-trains the same number of epochs instead (steps null), so fraction f also gets f times
-the compute of the full set; the experiment names say which (``-ep<E>``).
+Data scaling has two axes (``--axis``): ``pretrain`` (the default, the seed paper's axis)
+sets ``pretrain.data_fraction``, the nested share of the training images that pretraining
+sees while finetuning sees them all (``pts-<variant>-f<NNN>-s<seed>``); ``data`` sets
+``data.fraction``, the share the whole pipeline trains on (``scale-<variant>-f<NNN>-s<seed>``).
+Either measures data, not compute: by default (``--budget steps``) every fraction trains
+the same number of optimiser steps (``pretrain.steps``/``finetune.steps`` set, epochs null),
+so a smaller fraction repeats its images more often. ``--budget epochs`` trains the same
+number of epochs instead (steps null), so fraction f also gets f times the compute of the
+full set; the experiment names say which (``-ep<E>``).
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ from typing import Literal, Optional, Sequence
 from dmp_core.config import Config, ParamsError, load_config
 from dmp_core.errors import DmpError
 from orchestration.cluster import ClusterSettings, is_sqlite, run_remote
+from orchestration.export import FinishedRun, export_experiment, finished_runs, head_sha
 from orchestration.repo import echo, params_differ_from_head, untracked_sources
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
@@ -60,6 +71,9 @@ WORKER_RESTARTS = 3
 class StudyFailed(DmpError):
     """A dvc command of the study failed (the message names it and its last line)."""
 Budget = Literal["steps", "epochs"]
+Axis = Literal["pretrain", "data"]
+# --axis -> (experiment name prefix, the key the study varies)
+AXES: dict[str, tuple[str, str]] = {"pretrain": ("pts", "pretrain.data_fraction"), "data": ("scale", "data.fraction")}
 
 
 @dataclass
@@ -107,12 +121,18 @@ def budget_overrides(budget: Budget, base: Config, epochs: int) -> dict[str, str
 
 
 def scaling_plan(seeds: int, fractions: Sequence[float] = FRACTIONS, variants: Sequence[str] = VARIANTS, *,
-                 budget: Budget = "steps", base: Optional[Config] = None, epochs: int = 1) -> list[PlannedExp]:
-    """data.fraction x variant x seed, all with the same training budget (see the module doc)."""
+                 budget: Budget = "steps", base: Optional[Config] = None, epochs: int = 1,
+                 axis: Axis = "pretrain") -> list[PlannedExp]:
+    """fraction x variant x seed, all with the same training budget (see the module doc).
+
+    ``axis`` pretrain: ``pretrain.data_fraction`` (pretraining sees that nested share of the
+    training images, finetuning all of them; ``pts-...``); data: ``data.fraction`` (the
+    whole pipeline on the share; ``scale-...``)."""
     lengths = budget_overrides(budget, base or Config(), epochs)
     tag = "" if budget == "steps" else f"-ep{epochs}"
-    return [PlannedExp(f"scale-{variant}-f{round(fraction * 100):03d}{tag}-s{seed}",
-                       {"objective.variant": variant, "data.fraction": f"{fraction:g}", **lengths, "seed": str(seed)})
+    prefix, key = AXES[axis]
+    return [PlannedExp(f"{prefix}-{variant}-f{round(fraction * 100):03d}{tag}-s{seed}",
+                       {"objective.variant": variant, key: f"{fraction:g}", **lengths, "seed": str(seed)})
             for variant in variants for fraction in fractions for seed in range(seeds)]
 
 
@@ -123,33 +143,46 @@ def training_images(cfg: Config) -> Optional[int]:
     return math.ceil(cfg.data.synthetic.n_train * cfg.data.fraction)
 
 
-def budget_lines(budget: Budget, configs: Sequence[Config]) -> list[str]:
-    """The policy in words and, per fraction, the steps and epochs each stage will train."""
+def budget_lines(budget: Budget, configs: Sequence[Config], *, axis: Axis = "pretrain") -> list[str]:
+    """The policy in words (the budget, which stage sees the fraction) and, per fraction, the
+    training images each stage sees and the steps and epochs it trains."""
+    key, other = AXES[axis][1], "data" if axis == "pretrain" else "pretrain"
     if budget == "steps":
-        lines = ["budget: equal optimiser steps at every data.fraction (steps set, epochs null): a smaller "
+        lines = [f"budget: equal optimiser steps at every {key} (steps set, epochs null): a smaller "
                  "fraction repeats its images more often, so the curve measures data, not compute "
                  "(--budget epochs: equal epochs instead)"]
     else:
-        lines = ["budget: equal epochs at every data.fraction (epochs set, steps null): fraction f also trains "
+        lines = [f"budget: equal epochs at every {key} (epochs set, steps null): fraction f also trains "
                  "f x the steps of the full set, so data and compute change together (--budget steps: equal steps)"]
+    lines.append(f"axis: {key}: " + (
+        "pretraining sees that nested share of the training images; finetuning and the re-ranker's refit see all "
+        "of them" if axis == "pretrain" else
+        "pretraining and finetuning both see that nested share of the training images") +
+        f" (--axis {other}: {AXES[other][1]} instead)")
     seen = set()
     for cfg in configs:
-        if cfg.data.fraction in seen:
+        fraction = cfg.pretrain.data_fraction if axis == "pretrain" else cfg.data.fraction
+        if fraction in seen:
             continue
-        seen.add(cfg.data.fraction)
+        seen.add(fraction)
         images = training_images(cfg)
         parts = []
         for stage in TRAIN_STAGES:
             train = getattr(cfg, stage)
+            share = cfg.pretrain.data_fraction if stage == "pretrain" else 1.0
             if images is None:
-                parts.append(f"{stage} " + (f"{train.steps} steps" if train.steps else f"{train.epochs} epochs"))
+                sees = f" on {share:g} of them" if share < 1 else ""
+                parts.append(f"{stage} " + (f"{train.steps} steps" if train.steps else f"{train.epochs} epochs") + sees)
                 continue
-            pairs = images * (cfg.data.synthetic.captions_per_image if train.captions == "all" else 1)
+            # the pretraining subset: ceil(share x images), as the pretrain stage and the schema check count it
+            seen_images = max(1, math.ceil(images * share))
+            pairs = seen_images * (cfg.data.synthetic.captions_per_image if train.captions == "all" else 1)
             per_epoch = pairs // train.batch_size  # the loop drops the last partial batch
             steps = train.steps if train.steps is not None else train.epochs * per_epoch
-            parts.append(f"{stage} {steps} steps = {steps / max(per_epoch, 1):.1f} epochs")
+            sees = f" on {seen_images} images" if axis == "pretrain" else ""
+            parts.append(f"{stage} {steps} steps{sees} = {steps / max(per_epoch, 1):.1f} epochs")
         where = f"{images} training images" if images is not None else "training images: see preprocessing"
-        lines.append(f"  fraction {cfg.data.fraction:g}: {where}; " + ", ".join(parts))
+        lines.append(f"  {'fraction' if axis == 'data' else key} {fraction:g}: {where}; " + ", ".join(parts))
     return lines
 
 
@@ -314,30 +347,123 @@ def check_tracking(workers: int, params: Path, tracking_uri: Optional[str]) -> N
                           "--tracking-uri http://... (docs/CLUSTER.md), or use one worker")
 
 
+# ------------------------------------------------------------------ resuming from exported runs
+def skip_finished(plan: Sequence[PlannedExp], configs: Sequence[Config],
+                  runs: Path) -> tuple[list[PlannedExp], list[str]]:
+    """(the planned experiments still to run, one line per skipped one and per name clash).
+
+    A planned experiment is finished when a run exported to ``runs`` (``runs/<name>/params.yaml``
+    and ``reports/evaluate/metrics.json``, :func:`orchestration.export.finished_runs`) has the
+    same method params and seed, under any name: canonical params as the report compares them
+    (``dmp_core.report``), so a key the export's params.yaml lacks counts as its schema default
+    (``seed-denoising-s0`` is ``pts-denoising-f100-s0``) and bookkeeping keys (``data.root``,
+    tracking, logging) do not count. It cannot tell code changes: the export's ``source.json``
+    names the commit it was made at."""
+    from dmp_core.report.runs import canonical_params, method_params, param_diff
+
+    exported = finished_runs(runs)
+    by_key: dict[tuple, FinishedRun] = {}
+    for run in exported:
+        by_key.setdefault(run.key, run)
+    by_name = {run.name: run for run in exported}
+    todo, lines = [], []
+    for exp, cfg in zip(plan, configs, strict=True):
+        params = canonical_params(cfg)
+        match = by_key.get((method_params(params), params.get("seed")))
+        if match is None:
+            todo.append(exp)
+            clash = by_name.get(exp.name)
+            if clash is not None:
+                differ = ", ".join(f"{k}={v!r}" for k, v in param_diff(clash.params, params, keep_seed=True).items())
+                lines.append(f"note: {runs / exp.name} holds a run with other params "
+                             f"({differ or 'see its params.yaml'}); "
+                             f"{exp.name} of this study replaces its files when it finishes")
+            continue
+        at = match.source(runs).get("baseline")
+        lines.append(f"skip {exp.name}: finished as {runs / match.name} (same method params and seed, "
+                     + (f"made on commit {at[:7]}" if at else "commit not recorded: no source.json")
+                     + (f"; {match.note}" if match.note else "") + ")")
+    names = ", ".join(exp.name for exp in todo)
+    lines.append(f"{len(todo)} of {len(plan)} planned runs remain" + (f": {names}" if todo else
+                 f": every one is finished in {runs}"))
+    return todo, lines
+
+
+def commit_line(runs: Path, names: Sequence[str], kind: str) -> str:
+    message = f"study {kind}: {len(names)} runs exported to {runs}"
+    return f"git add {shlex.quote(str(runs))} && git commit -m {shlex.quote(message)}"
+
+
+def queue_rows(status_output: str, names: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(task id, name, status in lower case) of each ``dvc queue status`` row of the named experiments."""
+    rows = []
+    for line in status_output.split("\n\n")[0].splitlines()[1:]:
+        tokens = line.split()
+        for name in names:
+            if name in tokens:
+                rows.append((tokens[0], name, tokens[-1].lower()))
+    return rows
+
+
+class _Exporter:
+    """Exports each finished experiment of the study into ``runs`` once (None: exports nothing)."""
+
+    def __init__(self, runs: Optional[Path], baseline: Optional[str]):
+        self.runs, self.baseline, self.done = runs, baseline, []
+
+    def __call__(self, names: Sequence[str], why: str = "") -> list[str]:
+        """Export those of ``names`` not exported yet; returns those that have no experiment commit (yet)."""
+        missing = []
+        for name in names:
+            if self.runs is None or self.baseline is None or name in self.done:
+                continue
+            folder = export_experiment(self.runs, name, baseline=self.baseline)
+            if folder is None:
+                missing.append(name)
+                continue
+            self.done.append(name)
+            echo(f"study: exported {name}{why} to {folder}")
+        return missing
+
+
 def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: Path, poll_s: float = 15.0,
               rerun: bool = False, policy: Sequence[str] = (), cluster: Optional[ClusterSettings] = None,
-              kind: str = "study") -> int:
+              kind: str = "study", runs: Optional[Path] = None, configs: Optional[Sequence[Config]] = None) -> int:
     """Queue, run and wait for ``plan``, then write the report; returns the report's exit
     status (``dry_run``: print the commands as a shell script, run nothing, return 0).
 
+    ``runs`` (a folder of exported runs): planned experiments that an exported run already is
+    are skipped (:func:`skip_finished`; ``rerun`` runs them all), and each experiment that
+    finishes successfully is exported there at once (:func:`orchestration.export.export_experiment`),
+    as is a finished one of this commit that the study keeps. ``configs``: the planned
+    experiments' params (:func:`planned_configs`; computed when not given).
+
     ``cluster.engine`` other than ``queue`` hands the plan to :func:`orchestration.cluster.run_remote`."""
     cluster = cluster or ClusterSettings()
+    skipped: list[str] = []
+    if runs is not None and not rerun:
+        plan, skipped = skip_finished(plan, configs if configs is not None else planned_configs(plan, params), runs)
     if cluster.engine != "queue":
+        for line in skipped:
+            echo(f"study: {line}")
         return run_remote(plan, kind, cluster, params, dry_run=dry_run, rerun=rerun)
     dvc = [sys.executable, "-m", "dvc"]
     starts = worker_starts(jobs, cluster.gpus, cluster.tracking_uri, max(1, int(cluster.gpus_per_exp)))
     report = ["dmp", "report", "--params", str(params)]
+    if runs is not None and (dry_run or finished_runs(runs)):  # the report reads the exports too (other clones')
+        report += ["--runs", str(runs)]
     if dry_run:
-        for line in policy:
+        for line in [*policy, *skipped]:
             print(f"# {line}")
         for exp in plan:
             print(_show(exp.command()))
-        for env, cmd in starts:
+        for env, cmd in starts if plan else ():
             print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + _show(cmd))
-        print("dvc queue status   # polled until every experiment above has finished")
+        if plan:
+            print("dvc queue status   # polled until every experiment above has finished")
         print(_show(report))
         return 0
-    for line in policy:
+    for line in [*policy, *skipped]:
         echo(f"study: {line}")
     check_tracking(len(starts) if cluster.gpus else jobs, params, cluster.tracking_uri)
     differ, _ = params_differ_from_head(params, load_config(params))
@@ -345,27 +471,77 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
         echo(f"study: note: {params} differs from HEAD's in {', '.join(differ)}; every experiment of this study "
              f"starts from the workspace, so it includes that change")
 
-    existing = existing_experiments(dvc)
+    # the commit the queued experiments are made on (HEAD may move while they run: a commit of exports)
+    export = _Exporter(runs, head_sha() if runs is not None else None)
+    existing = existing_experiments(dvc) if plan else set()
     todo = []
     for exp in plan:
         if exp.name in existing and not rerun:
             echo(f"study: {exp.name} exists for this commit: kept (--rerun replaces it)")
+            export([exp.name], " (finished earlier)")
             continue
         if exp.name in existing:
             _run([*dvc, "exp", "remove", exp.name])
         todo.append(exp)
-    copies = untracked_sources()
-    if todo and copies:
+    copies = untracked_sources() if todo else []
+    if copies:
         echo(f"study: not in git, copied into each experiment's folder (-C) but not recorded in its commit: "
              f"{', '.join(copies)}")
     copy_args = [arg for path in copies for arg in ("-C", path)]
-    earlier = queue_tasks(_queue_status(dvc, poll_s)) if todo else frozenset()
+    before = _queue_status(dvc, poll_s) if todo else ""
+    # an earlier invocation's tasks still in the queue (interrupted, its workers went on): waited for, not queued twice
+    active = {name: task for task, name, state in queue_rows(before, [e.name for e in todo])
+              if state not in FINISHED}
+    earlier = queue_tasks(before) - set(active.values()) if todo else frozenset()
     for i, exp in enumerate(todo, start=1):
+        if exp.name in active:
+            echo(f"study: {exp.name} is in the queue already (task {active[exp.name]}, from an earlier "
+                 f"invocation): waited for, not queued again ({i}/{len(todo)})")
+            continue
         _run(dvc + exp.command()[1:] + copy_args)
         echo(f"study: queued {exp.name} ({i}/{len(todo)})")
     if todo:
         _start_workers(starts, dvc, cluster)
     names = [exp.name for exp in todo]
+    try:
+        states = _wait(names, dvc, poll_s, earlier, starts, cluster, export)
+    except BaseException as err:  # what finished is exported already: say so, and how to go on
+        if isinstance(err, KeyboardInterrupt):
+            echo("study: interrupted. The queue workers go on with the experiments in the queue (`dvc queue status`; "
+                 "`dvc queue stop --kill` stops them). Run the same command again: it exports what has finished, "
+                 "waits for what is still in the queue and runs what is missing")
+        _exported(export, kind)
+        raise
+    missing = export([n for n in names if states.get(n) == "success"])
+    for _ in range(2):  # a task can be listed as a success a moment before its experiment commit exists
+        if not missing:
+            break
+        time.sleep(poll_s)
+        missing = export(missing)
+    if missing:
+        echo(f"study: {len(missing)} finished but not exported: no experiment commit found ({', '.join(missing)}); "
+             f"`dmp report --export-runs {runs}` exports every finished experiment later")
+    failed = [n for n in names if states.get(n) != "success"]
+    if failed:
+        echo(f"study: {len(failed)} failed ({', '.join(failed)}); see `dvc queue logs <name>`"
+             + ("; not exported" if runs is not None else ""))
+    if runs is not None and "--runs" not in report and finished_runs(runs):  # exported by this study
+        report += ["--runs", str(runs)]
+    code = subprocess.run([sys.executable, "-m", "stages", *report[1:]]).returncode
+    _exported(export, kind)
+    return code
+
+
+def _exported(export: _Exporter, kind: str) -> None:
+    if export.runs is not None and export.done:
+        echo(f"study: {len(export.done)} runs exported to {export.runs} ({', '.join(export.done)}); keep them:\n"
+             f"  {commit_line(export.runs, export.done, kind)}")
+
+
+def _wait(names: Sequence[str], dvc: Sequence[str], poll_s: float, earlier: frozenset[str],
+          starts: Sequence[tuple[dict, list[str]]], cluster: ClusterSettings, export: _Exporter) -> dict[str, str]:
+    """Poll ``dvc queue status`` until every named experiment has finished (or no worker is left
+    to finish them), restarting stopped workers and exporting each success at once; the last states."""
     last = ""
     states: dict[str, str] = {}
     dead_polls = restarts = 0
@@ -377,6 +553,7 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
         if line != last:
             echo(line)
             last = line
+        export([n for n in done if states[n] == "success"])
         if len(done) == len(names):
             break
         waiting = [n for n in names if states.get(n) == "queued"]
@@ -401,10 +578,7 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
             _start_workers(starts, dvc, cluster)
             dead_polls = 0
         time.sleep(poll_s)
-    failed = [n for n in names if states.get(n) != "success"]
-    if failed:
-        echo(f"study: {len(failed)} failed ({', '.join(failed)}); see `dvc queue logs <name>`")
-    return subprocess.run([sys.executable, "-m", "stages", *report[1:]]).returncode
+    return states
 
 
 def parse_fractions(text: str) -> list[float]:

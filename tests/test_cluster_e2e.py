@@ -161,7 +161,7 @@ def test_two_machines_a_killed_job_resubmitted_and_a_third_clone_collects(shared
     head = _clone(shared, "machines-head")
     proc = _dmp(head, "study", "--engine", "jobs", "--no-warm-up", "--git-remote", str(shared["git"]),
                 "--dvc-remote", str(shared["dvc"]), "--tracking-uri", tracking, "--name", "two-machines",
-                "scaling", "--fractions", "0.5", "--variants", "denoising", "--seeds", "2")
+                "scaling", "--axis", "data", "--fractions", "0.5", "--variants", "denoising", "--seeds", "2")
     jobs = [line.split() for line in proc.stdout.splitlines() if line.startswith("dmp job run two-machines ")]
     first, second = "scale-denoising-f050-s0", "scale-denoising-f050-s1"  # names no other study here has
     assert [job[4] for job in jobs] == [first, second], proc.stdout

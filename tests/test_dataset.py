@@ -110,7 +110,8 @@ def test_missing_files_are_clear_errors(prepared, tmp_path):
 @pytest.mark.parametrize("captions", ["all", "one_per_image"])
 def test_image_subset_holds_exactly_the_items_of_its_images(prepared, captions):
     """pretrain.data_fraction's view: every item of a kept image, none of another, read unchanged."""
-    from dmp_core.training.dataset import ImageSubset, pretrain_images
+    from dmp_core.training.dataset import ImageSubset
+    from dmp_core.training.loop import pretrain_images
 
     ds = PairDataset(prepared / "prepared", "train", targets_dir=prepared / "targets", target_kinds=("hog",),
                      captions=captions, seed=3)
@@ -127,7 +128,7 @@ def test_image_subset_holds_exactly_the_items_of_its_images(prepared, captions):
 
 
 def test_pretrain_images_are_nested_across_fractions_and_differ_by_seed():
-    from dmp_core.training.dataset import pretrain_images
+    from dmp_core.training.loop import pretrain_images
 
     small, mid, full = (set(pretrain_images(753, f, seed=1).tolist()) for f in (0.25, 0.5, 1.0))
     assert len(small) == 189 and len(mid) == 377 and full == set(range(753))

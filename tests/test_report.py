@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from dmp_core.config import apply_dotted, config_from_dict
+from dmp_core.report.tables import _md, flags_table
+from dmp_core.report.verdict import claims_table, comparisons
 from dmp_core.report import (
     BOOTSTRAP_SEED,
     GalleryData,
@@ -221,18 +223,24 @@ def test_verdict_quotes_the_interval_and_flags_reranking_diagnostics_and_chance(
     ft = weak.details["models"]["finetune"]
     ft["itm"]["r_mean"], ft["itc"]["r_mean"] = 3.0, 4.5  # re-ranking lowers the ranking
     text = build_report([good, weak], tmp_path, baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
-    verdict = text.split("## Verdict")[1].split("\n## ")[0]
+    verdict, words = _verdict(text), _words(text)
     r = paired_bootstrap(Ranks(good.ranks["finetune_itm_tr"], good.ranks["finetune_itm_ir"]),
                          Ranks(weak.ranks["finetune_itm_tr"], weak.ranks["finetune_itm_ir"]),
                          TXT2IMG, n_samples=SAMPLES, seed=BOOTSTRAP_SEED)["r_mean"]
-    assert f"R mean {r['diff']:+.1f} points".replace("-", "−") in verdict
-    assert "excludes 0: denoising is better" in verdict
-    assert ("Re-ranking ranks below its own retriever for mamo-default (mamo): finetuned R mean 3.0 ITM re-ranked "
-            "vs 4.5 ITC-only (a defect of the re-ranker, not a result)") in verdict
-    assert ("The ITM head of mamo-default (mamo, finetuned) is below its floor: ITM AUC on the ITC top-k 0.520 < 0.6."
-            in verdict)  # but it does match against random negatives: no flag for that
-    assert ("mamo-default (mamo, finetuned) is not using a modality: relative image-use gap 0.005 < 0.02."
-            in verdict)  # the text-use gap says the other modality is used
+    assert f"R mean {r['diff']:+.1f} points".replace("-", "−") in words
+    assert "excludes 0: denoising is better" in words
+    # the flags: one row per method and model in the diagnostics section, counted in the verdict
+    flags = flags_table(group_runs([good, weak], BASELINE))
+    assert _md(flags) in text.split("## Diagnostics")[1].split("### Per run")[0]
+    weak_ft = _row(flags, Method="mamo", Model="finetuned")
+    assert weak_ft["re-ranked R mean < ITC R mean"] == "1 of 1: 3.0 < 4.5"  # a defect of the re-ranker
+    assert weak_ft["ITM AUC on the ITC top-k < 0.6"] == "1 of 1: 0.520"
+    assert weak_ft["ITM AUC vs random negatives < 0.6"] == "no (0 of 1)"  # it does match against random negatives
+    assert weak_ft["relative image-use gap < 0.02"] == "1 of 1: 0.005"
+    assert weak_ft["relative text-use gap < 0.02"] == "no (0 of 1)"  # the other modality is used
+    assert _row(flags, Method="denoising (baseline)", Model="finetuned")["ITM AUC on the ITC top-k < 0.6"] == "no (0 of 1)"
+    assert "ITM below its floor in 2 of 4 models, a modality unused in 2, the re-ranking below its own ITC in" in verdict
+    assert "The ITM head of" not in text and "Re-ranking ranks below" not in text  # no longer prose
     assert f"Chance R mean on synthetic test, 40 images / 80 captions is {chance_recall(TXT2IMG)['r_mean']:.2f}" in verdict
     assert "does not exclude chance" in verdict and "mamo-default (finetuned)" in verdict  # the model at chance
     # a tie: the interval includes 0 and the verdict says so
@@ -251,6 +259,11 @@ def _cell(r: dict) -> str:
 
 def _verdict(text: str) -> str:
     return text.split("## Verdict")[1].split("\n## ")[0]
+
+
+def _words(text: str) -> str:
+    """The comparisons in words (Statistics section)."""
+    return text.split("### The comparisons in words")[1].split("\n### ")[0]
 
 
 def _stats_row(text: str, title: str) -> str:
@@ -280,7 +293,7 @@ def test_bootstrap_resamples_binding_groups_and_names_the_unit(tmp_path) -> None
     row = _stats_row(text, "denoising (baseline) − mamo")
     assert _cell(by_group) in row and "binding groups (20 clusters of 40 images)" in row
     assert "Resampling unit here: binding groups (20 clusters of 40 images)" in text
-    assert "over binding groups (20 clusters of 40 images)" in _verdict(text)
+    assert "over binding groups (20 clusters of 40 images)" in _words(text)
     chance = bootstrap_vs_chance(_finetune_ranks(old), TXT2IMG, n_samples=SAMPLES, seed=BOOTSTRAP_SEED,
                                  clusters=None)["r_mean"]
     chance_row = next(line for line in text.split("Models against chance")[1].splitlines()
@@ -316,7 +329,7 @@ def test_two_common_seeds_give_the_across_seed_t_interval(tmp_path) -> None:
     cell = f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (t, 1 dof)".replace("-", "−")
     row = _stats_row(text, "denoising (baseline) − mamo")
     assert cell in row and "(2 seeds)" in row
-    verdict = _verdict(text)
+    verdict = _words(text)
     interval = f"95% t interval [{mean - half:+.1f}, {mean + half:+.1f}] (1 dof)".replace("-", "−")
     assert "Over the 2 seeds both ran" in verdict and interval in verdict
     assert "for these 2-seed runs (2 seeds each)" in verdict
@@ -326,14 +339,14 @@ def test_two_common_seeds_give_the_across_seed_t_interval(tmp_path) -> None:
 
 def test_verdict_speaks_of_recipes_only_with_three_seeds_each(study, tmp_path) -> None:
     one = [_run("workspace", 0.7, workspace=True), _run("mamo-s0", 0.3, objective__variant="mamo")]
-    verdict = _verdict(build_report(one, tmp_path / "one", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text())
+    verdict = _words(build_report(one, tmp_path / "one", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text())
     assert "excludes 0: denoising is better for these two checkpoints (1 seed each) on this test split" in verdict
     assert "as a recipe" not in verdict and "as recipes" not in verdict and "t interval" not in verdict
     assert "needs >= 3 seeds of each (denoising 1, MAMO 1)" in verdict
 
     # 3 seeds of each (the study): the claim rests on the across-seed interval; the bootstrap is named
     # as the within-test-set uncertainty of one pair of checkpoints
-    verdict = _verdict(build_report(study, tmp_path / "three", baseline=BASELINE,
+    verdict = _words(build_report(study, tmp_path / "three", baseline=BASELINE,
                                     bootstrap_samples=SAMPLES).read_text())
     per_seed = [_r_mean(study[i]) - _r_mean(study[j]) for i, j in ((0, 3), (1, 4), (2, 5))]
     ci = seed_interval(per_seed)
@@ -351,7 +364,7 @@ def test_verdict_speaks_of_recipes_only_with_three_seeds_each(study, tmp_path) -
 
     # 3 seeds against 1: the seed counts are stated and no recipe is compared
     uneven = study[:3] + [study[3]]
-    verdict = _verdict(build_report(uneven, tmp_path / "uneven", baseline=BASELINE,
+    verdict = _words(build_report(uneven, tmp_path / "uneven", baseline=BASELINE,
                                     bootstrap_samples=SAMPLES).read_text())
     assert "these 3-seed and 1-seed runs (denoising 3 seeds, MAMO 1 seed)" in verdict and "as a recipe" not in verdict
 
@@ -424,7 +437,8 @@ def test_build_report_writes_linked_plots_and_gallery(study, tmp_path) -> None:
     md_path = build_report(study + scaled, tmp_path, baseline=BASELINE, histories=histories, gallery=_gallery(128),
                            gallery_queries=2, bootstrap_samples=SAMPLES)
     text = md_path.read_text()
-    for name in ("ablations.png", "scaling.png", "pretrain_losses.png", "gallery_pretrain.png", "gallery_finetune.png"):
+    for name in ("ablations.png", "scaling_data_fraction.png", "pretrain_losses.png", "gallery_pretrain.png",
+                 "gallery_finetune.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 1000, name
         assert f"(figures/{name})" in text, name
     assert "No " not in text.split("## Provenance")[0]  # nothing reported missing
@@ -437,7 +451,7 @@ def test_build_report_writes_linked_plots_and_gallery(study, tmp_path) -> None:
 def test_missing_data_gives_sentences_not_empty_plots(tmp_path) -> None:
     only = [_run("workspace", 0.4, workspace=True)]
     text = build_report(only, tmp_path, baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
-    assert "No ablation chart" in text and "No data-scaling plot" in text
+    assert "No ablation chart" in text and "No data-scaling results" in text
     assert "No loss curves" in text and "No gallery" in text and "No pair of methods" in text
     assert "No denoising − MAMO interval" in text
     assert not list((tmp_path / "figures").glob("*.png"))
@@ -597,11 +611,19 @@ def test_the_frozen_tower_baseline_is_compared_with_both_variants(tmp_path) -> N
     runs = [_run("den", 0.9, workspace=True, **shared), _run("mamo", 0.5, objective__variant="mamo", **shared),
             _run("frozen", 0.05, objective__variant="frozen", **shared)]
     text = build_report(runs, tmp_path, baseline=_params(**shared), bootstrap_samples=SAMPLES).read_text()
-    verdict = _verdict(text)
+    verdict = _words(text)
     for title, better in (("Denoising − MAMO", "denoising is better"), ("Denoising − frozen towers", "denoising is better"),
                           ("MAMO − frozen towers", "MAMO is better")):
         assert title in verdict and better in verdict, title
     assert "frozen towers − " not in verdict and "MAMO − denoising" not in verdict
+    # the verdict table: the three differences in that order, each model, one seed: no claim
+    claims = claims_table(comparisons(group_runs(runs, _params(**shared)), _params(**shared), SAMPLES))
+    assert list(zip(claims["Comparison (A − B)"], claims["Model"])) == [
+        (c, m) for c in ("denoising − MAMO", "denoising − frozen towers", "MAMO − frozen towers")
+        for m in ("finetuned", "zero-shot")]
+    assert set(claims["Seeds"]) == {"1"} and set(claims["Claim"]) == {"no claim"}
+    assert claims["Δ R mean [95% t interval]"].str.endswith(" (1 seed)").all()
+    assert _md(claims) in _verdict(text)
     # frozen trains no MLM: its image-use gap (an MLM loss difference through an untrained head) is
     # neither shown nor flagged; the other variants keep theirs
     assert runs[2].diagnostics("finetune").keys() == {"itm_auc", "text_use_gap"}
@@ -609,9 +631,9 @@ def test_the_frozen_tower_baseline_is_compared_with_both_variants(tmp_path) -> N
     low = [_run(n, q, diag={"itm_auc": 0.9, "image_use_gap": 0.0, "image_use_gap_rel": 0.0, "text_use_gap": 0.1},
                 **o, **shared) for n, q, o in (("den", 0.9, {}), ("frozen", 0.05, {"objective__variant": "frozen"}))]
     low[0].workspace = True
-    verdict = _verdict(build_report(low, tmp_path / "low", baseline=_params(**shared), bootstrap_samples=SAMPLES).read_text())
-    assert "The fusion of den (denoising (baseline), finetuned) is not using a modality" in verdict
-    assert "The fusion of frozen" not in verdict
+    flags = flags_table(group_runs(low, _params(**shared)))
+    assert _row(flags, Method="denoising (baseline)", Model="finetuned")["relative image-use gap < 0.02"] == "1 of 1: 0.000"
+    assert _row(flags, Method="frozen", Model="finetuned")["relative image-use gap < 0.02"] == "–"  # not measured
 
 
 def test_a_run_without_results_is_no_seed_of_its_method() -> None:

@@ -4,8 +4,12 @@ params.yaml), the scaling study's training budget, and the queue -> wait -> repo
 flow against a stand-in for the dvc command."""
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,9 @@ PARAMS = ROOT / "params.yaml"
 def _dry(*args: str) -> tuple[list[str], list[list[str]]]:
     """(policy comment lines, commands) of a dry run."""
     # no tracking URI from the environment (another test's process may have set one)
-    result = CliRunner().invoke(app, ["study", *args, "--dry-run"], env={"MLFLOW_TRACKING_URI": None})
+    # --runs: an absent folder (no exported runs), unless the test names one
+    runs = [] if "--runs" in args else ["--runs", str(ROOT / "tests" / "no-exported-runs")]
+    result = CliRunner().invoke(app, ["study", *args, *runs, "--dry-run"], env={"MLFLOW_TRACKING_URI": None})
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     comments = [line[2:] for line in lines if line.startswith("# ")]
@@ -77,31 +83,63 @@ def test_seeds_dry_run_runs_both_variants_with_every_seed() -> None:
 
 
 def test_scaling_dry_run_chooses_fractions_variants_seeds() -> None:
-    policy, lines = _dry("scaling", "--seeds", "2", "--fractions", "0.2,0.6", "--variants", "denoising")
+    policy, lines = _dry("scaling", "--axis", "data", "--seeds", "2", "--fractions", "0.2,0.6",
+                         "--variants", "denoising")
     runs = [c for c in lines if c[:3] == ["dvc", "exp", "run"]]
     cfgs = _configs(runs)
-    assert {(c.objective.variant, c.data.fraction, c.seed) for c in cfgs.values()} == {
-        ("denoising", f, s) for f in (0.2, 0.6) for s in (0, 1)}
+    assert {(c.objective.variant, c.data.fraction, c.pretrain.data_fraction, c.seed) for c in cfgs.values()} == {
+        ("denoising", f, 1.0, s) for f in (0.2, 0.6) for s in (0, 1)}
     assert "scale-denoising-f060-s1" in cfgs
-    assert policy[0].startswith("budget: equal optimiser steps")
-    # the default: both variants, four fractions
+    assert policy[0].startswith("budget: equal optimiser steps at every data.fraction")
+    assert policy[1].startswith("axis: data.fraction: pretraining and finetuning both see")
+    # the default: the pretraining-data axis, both variants, four fractions
     _, lines = _dry("scaling")
     cfgs = _configs([c for c in lines if c[:3] == ["dvc", "exp", "run"]])
-    assert {(c.objective.variant, c.data.fraction) for c in cfgs.values()} == {
-        (v, f) for v in ("mamo", "denoising") for f in (0.1, 0.25, 0.5, 1.0)}
+    assert {(c.objective.variant, c.pretrain.data_fraction, c.data.fraction) for c in cfgs.values()} == {
+        (v, f, 1.0) for v in ("mamo", "denoising") for f in (0.1, 0.25, 0.5, 1.0)}
+
+
+def test_scaling_pretrain_axis_varies_what_pretraining_sees() -> None:
+    """The seed paper's axis: pretrain.data_fraction (pretraining sees the nested share, finetuning
+    every image) with the same equal-steps overrides as data.fraction, and names of its own."""
+    base = load_config(PARAMS)
+    policy, lines = _dry("scaling", "--axis", "pretrain", "--seeds", "2", "--fractions", "0.25,1",
+                         "--variants", "denoising,mamo")
+    runs = [c for c in lines if c[:3] == ["dvc", "exp", "run"]]
+    assert sorted(c[5] for c in runs) == sorted(f"pts-{v}-f{f}-s{s}" for v in ("denoising", "mamo")
+                                                for f in ("025", "100") for s in (0, 1))
+    assert _overrides(runs[0]) == {"objective.variant": "denoising", "pretrain.data_fraction": "0.25",
+                                   "pretrain.steps": str(base.pretrain.steps), "pretrain.epochs": "null",
+                                   "finetune.steps": str(base.finetune.steps), "finetune.epochs": "null", "seed": "0"}
+    cfgs = _configs(runs)
+    assert cfgs["pts-mamo-f025-s1"].pretrain.data_fraction == 0.25 and cfgs["pts-mamo-f025-s1"].data.fraction == 1.0
+    assert cfgs["pts-mamo-f025-s1"].objective.variant == "mamo" and cfgs["pts-mamo-f025-s1"].seed == 1
+    assert policy[0].startswith("budget: equal optimiser steps at every pretrain.data_fraction")
+    assert "pretraining sees that nested share" in policy[1]
+    assert "finetuning and the re-ranker's refit see all" in policy[1]
+    # 8000 training images; pretraining on ceil(0.25 x 8000) of them, finetuning on all (full batches of 32)
+    steps, ft = base.pretrain.steps, base.finetune.steps
+    assert (f"pretrain.data_fraction 0.25: 8000 training images; pretrain {steps} steps on 2000 images = "
+            f"{steps / (2000 // 32):.1f} epochs, finetune {ft} steps on 8000 images = {ft / (8000 // 32):.1f} epochs"
+            in [line.strip() for line in policy]), policy
+    # frozen is a variant the plan takes (it needs a preset with pretrained towers to validate)
+    plan = study.scaling_plan(1, [0.5], study.parse_variants("denoising,mamo,frozen"), base=base)
+    assert [p.name for p in plan] == ["pts-denoising-f050-s0", "pts-mamo-f050-s0", "pts-frozen-f050-s0"]
+    assert all("data.fraction" not in p.overrides for p in plan)
+    assert [p.name for p in study.scaling_plan(1, [0.5], ["mamo"], base=base, axis="data")] == ["scale-mamo-f050-s0"]
 
 
 def test_scaling_trains_equal_steps_at_every_fraction() -> None:
     """The default budget: every fraction trains params.yaml's step counts, epochs unset,
     so a smaller fraction sees its images more often (data varies, compute does not)."""
     base = load_config(PARAMS)
-    plan = study.scaling_plan(1, [0.1, 0.25, 0.5, 1.0], ["mamo", "denoising"], base=base)
+    plan = study.scaling_plan(1, [0.1, 0.25, 0.5, 1.0], ["mamo", "denoising"], base=base, axis="data")
     cfgs = study.planned_configs(plan, PARAMS)
     assert sorted({c.data.fraction for c in cfgs}) == [0.1, 0.25, 0.5, 1.0]
     for stage in ("pretrain", "finetune"):
         assert {getattr(c, stage).steps for c in cfgs} == {getattr(base, stage).steps}
         assert {getattr(c, stage).epochs for c in cfgs} == {None}
-    lines = study.budget_lines("steps", cfgs)
+    lines = study.budget_lines("steps", cfgs, axis="data")
     # S steps of 32 pairs: 32 S / 800 passes over the 800 images of fraction 0.1, 32 S / 8000 over 8000
     steps = base.pretrain.steps
     assert any(line.strip().startswith(f"fraction 0.1: 800 training images; pretrain {steps} steps = "
@@ -112,13 +150,13 @@ def test_scaling_trains_equal_steps_at_every_fraction() -> None:
 
 def test_scaling_equal_epochs_is_an_explicit_choice(tmp_path) -> None:
     base = load_config(PARAMS)
-    plan = study.scaling_plan(1, [0.25, 1.0], ["denoising"], budget="epochs", base=base, epochs=3)
+    plan = study.scaling_plan(1, [0.25, 1.0], ["denoising"], budget="epochs", base=base, epochs=3, axis="data")
     assert all("-ep3-" in p.name for p in plan)
     cfgs = study.planned_configs(plan, PARAMS)
     for stage in ("pretrain", "finetune"):
         assert {getattr(c, stage).epochs for c in cfgs} == {3}
         assert {getattr(c, stage).steps for c in cfgs} == {None}
-    lines = study.budget_lines("epochs", cfgs)
+    lines = study.budget_lines("epochs", cfgs, axis="data")
     assert lines[0].startswith("budget: equal epochs")
     assert any("fraction 0.25: 2000 training images; pretrain 186 steps = 3.0 epochs" in line for line in lines), lines
 
@@ -134,7 +172,8 @@ def test_scaling_equal_epochs_is_an_explicit_choice(tmp_path) -> None:
 
 def test_bad_study_options_fail_with_one_line() -> None:
     for args, needle in ((["--fractions", "0,0.5"], "--fractions"), (["--fractions", "a,b"], "--fractions"),
-                         (["--variants", "mamo,simclr"], "simclr"), (["--budget", "flops"], "--budget")):
+                         (["--variants", "mamo,simclr"], "simclr"), (["--budget", "flops"], "--budget"),
+                         (["--axis", "epochs"], "--axis")):
         result = CliRunner().invoke(app, ["study", "scaling", *args, "--dry-run"])
         assert result.exit_code == 1, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
@@ -164,11 +203,14 @@ Worker status: 1 active, 0 idle
 
 
 def _fake_dvc(monkeypatch, plan, existing=(), untracked=(), states=("queued", "running", "success"), dead=0,
-              status_failures=()):
+              status_failures=(), outcome=None, pending=()):
     """A stand-in for subprocess.run: records the dvc calls and plays a queue whose tasks go
     through ``states`` (one per poll) and whose first ``dead`` polls list no live worker; git
     status reports ``untracked`` files. ``status_failures``: for each ``dvc queue status``
-    call in order, True makes it fail the way DVC does on the pidbox race."""
+    call in order, True makes it fail the way DVC does on the pidbox race. ``outcome``: name ->
+    the state that name's task ends in instead of success. ``pending``: names whose earlier
+    task (an interrupted invocation's) is still in the queue, going through ``states``."""
+    outcome = outcome or {}
     calls: list[list[str]] = []
     polls = iter(states)
     dead_polls = iter([True] * dead)
@@ -186,10 +228,16 @@ def _fake_dvc(monkeypatch, plan, existing=(), untracked=(), states=("queued", "r
                 "Having any troubles? Hit us up at https://dvc.org/support, we are always happy to help!\n"))
         if cmd[3:5] == ["queue", "status"]:  # an earlier study's task of each name stays listed
             header = "Task     Name    Created    Status\n"
-            earlier = "".join(f"old{i:03d}  {exp.name}  09:00 AM  Success\n" for i, exp in enumerate(plan))
             queued = any(c[1:3] == ["exp", "run"] for c in calls)
-            state = next(polls, "success") if queued else None
-            ours = "".join(f"abc{i:03d}  {exp.name}  10:00 AM  {state.capitalize()}\n"
+            state = next(polls, "success") if queued or pending else "success"
+
+            def shown(name):
+                return (outcome.get(name, state) if state == "success" else state).capitalize()
+
+            earlier = "".join(
+                f"old{i:03d}  {exp.name}  09:00 AM  {shown(exp.name) if exp.name in pending else 'Success'}\n"
+                for i, exp in enumerate(plan))
+            ours = "".join(f"abc{i:03d}  {exp.name}  10:00 AM  {shown(exp.name)}\n"
                            for i, exp in enumerate(plan)) if queued else ""
             alive = 0 if queued and next(dead_polls, False) else 1
             out = header + ours + earlier + f"\nWorker status: {alive} active, 0 idle\n"
@@ -364,3 +412,190 @@ def test_a_training_stage_relaunches_itself_under_torchrun(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "0")  # already under torchrun: never again
     _common.relaunch_under_torchrun()
     assert len(execs) == 1
+
+
+# ------------------------------------------------------------------ resuming from exported runs, exporting
+def _export(runs: Path, name: str, params_text: str, *, metrics: bool = True, source: dict | None = None) -> None:
+    """An exported run folder as orchestration/export.py writes it (params.yaml + evaluate metrics)."""
+    (runs / name / "reports/evaluate").mkdir(parents=True)
+    (runs / name / "params.yaml").write_text(params_text)
+    if metrics:
+        (runs / name / "reports/evaluate/metrics.json").write_text('{"finetune.r_mean": 50.0}')
+    if source is not None:
+        (runs / name / "source.json").write_text(json.dumps(source))
+
+
+def _with(*overrides: str) -> str:
+    """params.yaml's text with ``overrides`` applied by DVC's -S writer."""
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(PARAMS.read_text())
+        apply_overrides(path, list(overrides))
+        return path.read_text()
+
+
+def test_plan_skips_a_run_exported_under_another_name_with_the_same_params_and_seed(tmp_path) -> None:
+    """``seed-denoising-s0`` (no pretrain.data_fraction key: the default 1.0) is the planned
+    ``pts-denoising-f100-s0``; another fraction, another seed, an unfinished folder are not."""
+    runs = tmp_path / "runs"
+    _export(runs, "seed-denoising-s0", PARAMS.read_text(), source={"baseline": "ab" * 20, "commit": "cd" * 20})
+    _export(runs, "half-s1", _with("++pretrain.data_fraction=0.5", "seed=1"))  # made elsewhere, another name
+    _export(runs, "unfinished", _with("++pretrain.data_fraction=0.5"), metrics=False)  # no evaluation: not finished
+    _export(runs, "pts-mamo-f100-s0", _with("objective.variant=mamo", "model.preset=minilm"))  # name clash
+    base = load_config(PARAMS)
+    plan = study.scaling_plan(2, [0.5, 1.0], ["denoising", "mamo"], base=base)
+    todo, lines = study.skip_finished(plan, study.planned_configs(plan, PARAMS), runs)
+    assert [p.name for p in plan if p not in todo] == ["pts-denoising-f050-s1", "pts-denoising-f100-s0"]
+    assert (f"skip pts-denoising-f100-s0: finished as {runs}/seed-denoising-s0 (same method params and seed, "
+            f"made on commit abababa)") in lines
+    assert f"skip pts-denoising-f050-s1: finished as {runs}/half-s1 (same method params and seed, commit not " \
+           f"recorded: no source.json)" in lines
+    assert any(line.startswith(f"note: {runs}/pts-mamo-f100-s0 holds a run with other params (model.preset='minilm'")
+               for line in lines), lines
+    assert lines[-1] == "6 of 8 planned runs remain: " + ", ".join(p.name for p in todo)
+    # the data axis at 1.0 is the same run too; at 0.5 it is not (the whole pipeline on half the data)
+    plan = study.scaling_plan(1, [0.5, 1.0], ["denoising"], base=base, axis="data")
+    todo, _ = study.skip_finished(plan, study.planned_configs(plan, PARAMS), runs)
+    assert [p.name for p in todo] == ["scale-denoising-f050-s0"]
+    # an absent folder: nothing finished
+    todo, lines = study.skip_finished(plan, study.planned_configs(plan, PARAMS), tmp_path / "absent")
+    assert todo == plan and lines == ["2 of 2 planned runs remain: scale-denoising-f050-s0, scale-denoising-f100-s0"]
+
+
+def test_seeds_dry_run_names_the_skipped_and_the_remaining_runs(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    _export(runs, "denoising-default", PARAMS.read_text())
+    comments, lines = _dry("seeds", "--seeds", "2", "--variants", "denoising", "--runs", str(runs))
+    assert [c[5] for c in lines if c[:3] == ["dvc", "exp", "run"]] == ["seed-denoising-s1"]
+    assert comments == [f"skip seed-denoising-s0: finished as {runs}/denoising-default (same method params and seed, "
+                        "commit not recorded: no source.json)", "1 of 2 planned runs remain: seed-denoising-s1"]
+    _, lines = _dry("seeds", "--seeds", "2", "--variants", "denoising", "--runs", str(runs), "--rerun")
+    assert [c[5] for c in lines if c[:3] == ["dvc", "exp", "run"]] == ["seed-denoising-s0", "seed-denoising-s1"]
+
+
+def _fake_export(monkeypatch, runs: Path, plan) -> list[str]:
+    """export_experiment recording the names it is asked for, writing each one's finished folder."""
+    asked: list[str] = []
+    overrides = {exp.name: exp.set_params() for exp in plan}
+
+    def export(out, name, rev=None, *, baseline="HEAD", cwd=None):
+        asked.append(name)
+        assert out == runs and baseline == "b" * 40
+        _export(out, name, _with(*overrides[name]))
+        return out / name
+
+    monkeypatch.setattr(study, "export_experiment", export)
+    monkeypatch.setattr(study, "head_sha", lambda cwd=None: "b" * 40)
+    return asked
+
+
+def test_run_study_exports_each_success_at_once_and_no_failure(monkeypatch, params, tmp_path, capsys) -> None:
+    runs = tmp_path / "runs"
+    _export(runs, "denoising-default", PARAMS.read_text())  # seed-denoising-s0: finished, not run again
+    plan = study.seeds_plan(2, ["denoising", "mamo"])
+    calls = _fake_dvc(monkeypatch, plan, outcome={"seed-mamo-s1": "failed"})
+    asked = _fake_export(monkeypatch, runs, plan)
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs, kind="seeds")
+    assert [c[5] for c in calls if c[1:4] == ["exp", "run", "--queue"]] == [
+        "seed-denoising-s1", "seed-mamo-s0", "seed-mamo-s1"]
+    assert asked == ["seed-denoising-s1", "seed-mamo-s0"]  # once each, as they finished; the failure never
+    err = capsys.readouterr().err
+    assert "study: skip seed-denoising-s0: finished as" in err and "3 of 4 planned runs remain" in err
+    assert f"study: exported seed-mamo-s0 to {runs}/seed-mamo-s0" in err
+    assert "1 failed (seed-mamo-s1); see `dvc queue logs <name>`; not exported" in err
+    assert (f"2 runs exported to {runs} (seed-denoising-s1, seed-mamo-s0); keep them:\n  git add {runs} && git "
+            f"commit -m 'study seeds: 2 runs exported to {runs}'") in err
+    # the same command again (e.g. in another clone with the exports): only the failed run
+    calls = _fake_dvc(monkeypatch, plan)
+    asked.clear()
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs, kind="seeds")
+    assert [c[5] for c in calls if c[1:4] == ["exp", "run", "--queue"]] == ["seed-mamo-s1"] == asked
+    assert "1 of 4 planned runs remain: seed-mamo-s1" in capsys.readouterr().err
+    # and once more: nothing to run, nothing queued, nothing exported; the report all the same
+    calls = _fake_dvc(monkeypatch, plan)
+    asked.clear()
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs, kind="seeds")
+    assert [c for c in calls if c[:1] == ["dvc"]] == []
+    assert calls[-1] == ["stages", "report", "--params", str(params), "--runs", str(runs)]  # the exports reported
+    assert asked == [] and "0 of 4 planned runs remain: every one is finished in" in capsys.readouterr().err
+
+
+def test_an_interrupted_study_names_its_exports_and_how_to_go_on(monkeypatch, params, tmp_path, capsys) -> None:
+    runs = tmp_path / "runs"
+    plan = study.seeds_plan(2, ["denoising"])
+    _fake_dvc(monkeypatch, plan, states=["success"], outcome={"seed-denoising-s1": "running"})
+    asked = _fake_export(monkeypatch, runs, plan)
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study.time, "sleep", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs, kind="seeds")
+    assert asked == ["seed-denoising-s0"]
+    err = capsys.readouterr().err
+    assert "study: interrupted. The queue workers go on" in err and "Run the same command again" in err
+    assert f"1 runs exported to {runs} (seed-denoising-s0); keep them:\n  git add {runs} && git commit" in err
+
+
+def test_a_task_still_in_the_queue_from_an_earlier_invocation_is_waited_for_not_queued_again(
+        monkeypatch, params, tmp_path, capsys) -> None:
+    runs = tmp_path / "runs"
+    plan = study.seeds_plan(2, ["denoising"])
+    calls = _fake_dvc(monkeypatch, plan, states=["running", "running", "success"], pending=["seed-denoising-s0"])
+    asked = _fake_export(monkeypatch, runs, plan)
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs)
+    assert [c[5] for c in calls if c[1:4] == ["exp", "run", "--queue"]] == ["seed-denoising-s1"]
+    assert sorted(asked) == ["seed-denoising-s0", "seed-denoising-s1"]
+    assert "seed-denoising-s0 is in the queue already (task old000" in capsys.readouterr().err
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(list(args), cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_export_one_experiment_writes_its_files_and_its_commits(tmp_path, monkeypatch) -> None:
+    """A real DVC experiment commit (``dvc exp save``): its numbers, params and a source.json of
+    commit shas only, the same bytes every time; a name without a commit (failed) writes nothing."""
+    from orchestration.export import export_experiment, finished_runs
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    _git(repo, "git", "init", "-q")
+    _git(repo, *dvc, "init", "-q")
+    (repo / "params.yaml").write_text(PARAMS.read_text())
+    _git(repo, "git", "add", "-A")
+    _git(repo, "git", "commit", "-qm", "baseline")
+    base = _git(repo, "git", "rev-parse", "HEAD")
+    (repo / "params.yaml").write_text(_with("++pretrain.data_fraction=0.5"))
+    (repo / "reports/evaluate").mkdir(parents=True)
+    (repo / "reports/evaluate/metrics.json").write_text('{"finetune.r_mean": 40.0}')
+    (repo / "reports/evaluate/scores.npz").write_bytes(b"never exported")
+    _git(repo, *dvc, "exp", "save", "-n", "pts-denoising-f050-s0", "-I", "reports/evaluate/metrics.json",
+         "-I", "reports/evaluate/scores.npz")
+    sha = _git(repo, "git", "rev-parse", f"refs/exps/{base[:2]}/{base[2:]}/pts-denoising-f050-s0")
+    monkeypatch.chdir(repo)
+
+    out = tmp_path / "runs"
+    (out / "pts-denoising-f050-s0/reports/evaluate").mkdir(parents=True)
+    (out / "pts-denoising-f050-s0/reports/evaluate/ranks.npz").write_bytes(b"another run of the name")
+    assert export_experiment(out, "pts-denoising-f050-s0", baseline=base) == out / "pts-denoising-f050-s0"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["pts-denoising-f050-s0/params.yaml", "pts-denoising-f050-s0/reports/evaluate/metrics.json",
+                     "pts-denoising-f050-s0/source.json"]
+    assert json.loads((out / "pts-denoising-f050-s0/source.json").read_text()) == {
+        "experiment": "pts-denoising-f050-s0", "commit": sha, "baseline": base}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert export_experiment(out, "pts-denoising-f050-s0", sha) == out / "pts-denoising-f050-s0"  # by rev
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # deterministic
+    [run] = finished_runs(out)
+    assert run.name == "pts-denoising-f050-s0" and run.params["pretrain.data_fraction"] == 0.5
+
+    assert export_experiment(out, "pts-mamo-f050-s0", baseline=base) is None  # failed: no experiment commit
+    assert not (out / "pts-mamo-f050-s0").exists()

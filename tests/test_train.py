@@ -202,8 +202,7 @@ def check_stage_outputs(cfg, stage, models, reports, active):
 def test_pretraining_sees_its_data_fraction_and_finetuning_every_image(tiny_data):
     """pretrain.data_fraction: the pretraining loader draws only from the nested subset (for
     as many epochs as the steps need); finetuning's loader draws from every training image."""
-    from dmp_core.training.dataset import pretrain_images
-    from dmp_core.training.loop import DistInfo, _build_data, train_params
+    from dmp_core.training.loop import DistInfo, _build_data, pretrain_images, train_params
 
     cfg = tiny_config(pretrain__data_fraction=0.25, pretrain__captions="all", finetune__captions="all")
     seen = {}

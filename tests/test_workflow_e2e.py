@@ -21,10 +21,11 @@ a failure names the step that broke; a step whose earlier steps did not pass is 
    suggests the ``+key`` trap;
 6. ``python -m stages report``: the baseline row keeps the baseline's numbers, the
    ablation row is labelled by its change;
-7. ``dmp study scaling --fractions 0.5``: one experiment queued and run through ``dvc
-   queue start`` in ``.dvc/tmp/exps/``; it trains the baseline's number of optimiser
+7. ``dmp study scaling --axis data --fractions 0.5``: one experiment queued and run through
+   ``dvc queue start`` in ``.dvc/tmp/exps/``; it trains the baseline's number of optimiser
    steps (twice the epochs), its MLflow runs land in the workspace's store (tagged
-   ``dvc.exp_name``), and the report names it;
+   ``dvc.exp_name``), it is exported to ``reports/runs/`` as it finishes, and the report
+   names it; the same command again runs nothing (the export is that run);
 8. ``dvc exp show --csv``: every experiment with its metrics, under 60 columns.
 
 The tiny params.yaml is the project's lean params.yaml with the tiny settings added by
@@ -303,8 +304,9 @@ def test_queued_scaling_study_trains_equal_steps_into_the_workspace_store(repo: 
     """One fraction (0.5) against the baseline's 1.0, queued and run by ``dvc queue start``:
     the same optimiser steps, twice the epochs; MLflow runs in the workspace's store."""
     _require("make run")
-    proc = _dmp(repo, "study", "scaling", "--fractions", "0.5", "--variants", "denoising", "--seeds", "1", "--poll-s", "2",
-                label="dmp study scaling (1 queued experiment)")
+    study = ["study", "scaling", "--axis", "data", "--fractions", "0.5", "--variants", "denoising", "--seeds", "1",
+             "--poll-s", "2"]
+    proc = _dmp(repo, *study, label="dmp study scaling (1 queued experiment)")
     out = proc.stdout + proc.stderr
     assert "equal optimiser steps" in out
     assert f"study: queued {SCALED} (1/1)" in out and "1/1 finished" in out, out[-3000:]
@@ -338,6 +340,22 @@ def test_queued_scaling_study_trains_equal_steps_into_the_workspace_store(repo: 
     report = (repo / "reports/results.md").read_text()
     for name in (SCALED, "denoising-default", "mamo-default"):
         assert name in report, name
+
+    # exported as it finished: the experiment commit's numbers and its provenance (shas only)
+    exported = repo / "reports/runs" / SCALED
+    assert (exported / "params.yaml").read_text() == _show(repo, half, "params.yaml")
+    metrics = "reports/evaluate/metrics.json"
+    assert (exported / metrics).read_text() == _show(repo, half, metrics)
+    head = _run(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    assert json.loads((exported / "source.json").read_text()) == {"experiment": SCALED, "commit": half,
+                                                                   "baseline": head}
+    assert "git add reports/runs && git commit" in out
+    # the same command again: the export is that run, so nothing is queued
+    again = _dmp(repo, *study, label="dmp study scaling again (resumed: nothing to run)")
+    out = again.stdout + again.stderr
+    assert f"skip {SCALED}: finished as reports/runs/{SCALED}" in out, out[-3000:]
+    assert "0 of 1 planned runs remain" in out, out[-3000:]
+    assert "study: queued" not in out and "study: exported" not in out
     PASSED.add("scaling")
 
 

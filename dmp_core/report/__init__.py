@@ -3,8 +3,8 @@
 Everything arrives as plain data, so this package knows nothing about DVC, git or MLflow
 (``orchestration/runs.py`` gathers it):
 
-- :class:`Run`: one finished run of the pipeline (the workspace, the HEAD commit or a DVC
-  experiment) with its resolved params and the files its stages wrote:
+- :class:`Run`: one finished run of the pipeline (the workspace, the HEAD commit, a DVC
+  experiment or an exported run folder) with its resolved params and the files its stages wrote:
   ``reports/evaluate/details.json`` (every recall, diagnostics, split), ``ranks.npz``
   (per-query ranks, for the bootstrap and the chance level), ``metrics.json`` (used only
   when details.json is missing) and ``reports/<stage>/metrics.json`` (steps, epochs).
@@ -17,19 +17,38 @@ Runs that differ only in ``seed`` form one group (mean ± std over seeds). Group
 differ in exactly one setting are compared with a paired bootstrap over the test split's
 independent units (:mod:`dmp_core.stats`): binding groups where ranks.npz has
 ``clusters`` that join images (the synthetic set), else images. Groups with >= 2 seeds in
-common also get the Student t interval of the mean per-seed difference. The verdict
-speaks of *recipes* only with >= 3 seeds on each side (and resting on that across-seed
-interval); otherwise of "these two checkpoints" or "these N-seed runs". Every number in
+common also get the Student t interval of the mean per-seed difference. Every number in
 the report comes from these inputs.
+
+results.md opens with the verdict, a table of claims: one row per comparison (denoising −
+MAMO, denoising − frozen towers, MAMO − frozen towers, or any other one-setting
+difference), value of each data fraction that varies, and model (finetuned, zero-shot):
+the mean per-seed difference of R mean with its 95% t interval, the seeds, and the claim,
+made only with >= 3 seeds (``RECIPE_MIN_SEEDS``) and an interval that excludes 0; under it,
+the points short of seeds, a count of the diagnostic flags (their table opens the
+Diagnostics section) and chance. Where ``pretrain.data_fraction`` ("pretraining fraction")
+or ``data.fraction`` ("whole-pipeline fraction") takes >= 2 values among otherwise equal
+methods, a data-scaling section per axis gives which images each stage saw, the missing
+points, R mean against the fraction (figure, log x, across-seed t bands) and, per
+fraction, each method's mean ± std and the paired differences with their claims.
+
+The markdown depends only on the runs and the arguments (sorted names, no time, no
+absolute path), so a committed report regenerates byte for byte from its exported runs in
+any clone, DVC experiments or not (figures may differ in rendering)::
+
+    dmp report --only-runs --runs reports/photos/runs \\
+        --params reports/photos/runs/seed-denoising-s0/params.yaml --reports reports/photos
 
 Modules, each importing only those above it:
 
 - ``runs``: params canonicalised and labelled by their difference from the baseline,
   :class:`Run`, merged duplicates, seed groups (:class:`Group`), the stale warnings;
-- ``tables``: number and markdown formatting, the main, diagnostics, data-scaling and
-  provenance tables;
-- ``verdict``: the paired bootstrap comparisons, the tests against chance, their tables
-  and the verdict paragraph;
+- ``tables``: number and markdown formatting, the main, diagnostic flags, diagnostics,
+  training-length and provenance tables;
+- ``verdict``: the paired bootstrap comparisons, the tests against chance, their tables,
+  the claims (paired per-seed t intervals) and the verdict table, the comparisons in words;
+- ``scaling``: per data-fraction axis, the per-fraction table, the missing points and the
+  images each stage saw;
 - ``figures``: the loss, scaling and ablation plots (matplotlib);
 - ``gallery``: the retrieval gallery (:class:`GalleryData`, :func:`load_gallery`);
 - ``build``: :func:`build_report`, the one entry point, which writes results.md.

@@ -1,4 +1,5 @@
-"""The report's plots (matplotlib, Agg): pretraining loss terms, data scaling, ablations."""
+"""The report's plots (matplotlib, Agg): pretraining loss terms, data scaling (R mean against a
+fraction, with across-seed t bands), ablations."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,11 @@ import numpy as np
 import pandas as pd
 
 from dmp_core.io import atomic_path
-from dmp_core.report.runs import SCORER_NAMES, Group
-from dmp_core.report.tables import _at_base_fraction, scaling_sets
+from dmp_core.report.runs import SCALING_AXES, SCORER_NAMES, Group
+from dmp_core.report.scaling import _variants, scorers
+from dmp_core.report.tables import MODEL_NAMES, _at_base_fraction
+from dmp_core.report.verdict import VARIANT_NAMES
+from dmp_core.stats import seed_interval
 
 # ------------------------------------------------------------------ plots
 def _figure():
@@ -82,31 +86,53 @@ def plot_losses(histories: Mapping[str, pd.DataFrame], labels: Mapping[str, str]
     return _save(fig, path)
 
 
-def plot_scaling(groups: Sequence[Group], path: Path) -> Path | None:
-    sets = scaling_sets(groups)
+def _band(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and its across-seed 95% t interval (stats.seed_interval: mean -/+ t · std / sqrt(n));
+    a single seed has no band."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    ci = seed_interval(values)  # the t interval of a mean: here of R mean values, not differences
+    return ci["diff"], ci["lo"], ci["hi"]
+
+
+def plot_scaling(sets: Sequence[tuple[str, list[Group]]], axis: str, path: Path) -> Path | None:
+    """R mean against the value of ``axis`` (log x), one line per method with its across-seed
+    95% t band: one panel per model (zero-shot, finetuned) and scorer (headline, ITC only)."""
     if not sets:
         return None
-    keep = [g for _, members in sets for g in members]
     plt = _figure()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), squeeze=False)
-    for ax, key, title in zip(axes.flat, ("ir_r1", "tr_r1"), ("image retrieval R@1", "text retrieval R@1")):
-        for name, members in sets:
-            for variant in sorted({str(g.variant) for g in members}):
-                points = sorted((g.fraction, g.values("finetune", key)) for g in members if str(g.variant) == variant)
-                points = [(f, v) for f, v in points if v]
-                if not points:
-                    continue
-                means = [np.mean(v) for _, v in points]
-                stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in points]
-                label = variant if len(sets) == 1 else f"{variant} ({name})"
-                ax.errorbar([f for f, _ in points], means, yerr=stds, marker="o", capsize=3, label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("data.fraction (training images)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    scorer = SCORER_NAMES.get(keep[0].runs[0].headline, "")
-    axes.flat[0].set_ylabel(f"R@1 (%), finetuned, {scorer}")
-    axes.flat[0].legend()
+    panel_scorers = scorers([g for _, members in sets for g in members])
+    models = ("pretrain", "finetune")
+    fig, axes = plt.subplots(len(panel_scorers), len(models), figsize=(4.6 * len(models), 3.3 * len(panel_scorers)),
+                             squeeze=False, sharex=True)
+    values = sorted({g.axis(axis) for _, members in sets for g in members})
+    for row, scorer in enumerate(panel_scorers):
+        for col, model in enumerate(models):
+            ax = axes[row][col]
+            for name, members in sets:
+                for variant in _variants(members):
+                    points = [(g.axis(axis), g.values(model, "r_mean", scorer))
+                              for g in members if str(g.variant) == variant]
+                    points = sorted((x, _band(v)) for x, v in points if v)
+                    if not points:
+                        continue
+                    label = VARIANT_NAMES.get(variant, variant) + (f" ({name})" if len(sets) > 1 else "")
+                    xs = [x for x, _ in points]
+                    (line,) = ax.plot(xs, [b[0] for _, b in points], marker="o", label=label)
+                    ax.fill_between(xs, [b[1] for _, b in points], [b[2] for _, b in points],
+                                    color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.set_xscale("log")
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.minorticks_off()
+            ax.set_title(f"{MODEL_NAMES[model]}, {SCORER_NAMES.get(scorer, scorer)}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if row == len(panel_scorers) - 1:
+                ax.set_xlabel(f"{SCALING_AXES[axis]} ({axis}, log scale)")
+            if col == 0:
+                ax.set_ylabel("R mean (%), test split")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("R mean, mean over seeds with the across-seed 95% t interval (band)", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 

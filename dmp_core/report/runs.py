@@ -25,6 +25,10 @@ IGNORED_PARAMS = ("seed", "tracking.", "report.", "data.root", "eval.batch_size"
 RECIPE_KEYS = ("mrm", "mim", "mlm", "itc", "itm", "vicreg", "mim_target", "text_mask_ratio", "itm_negatives")
 # stages that run every time (dvc.yaml always_changed), so `dvc status` always lists them
 ALWAYS_CHANGED_STAGES = ("params", "download", "report")
+# the data-scaling axes, in the order the report shows them, with their names in the report:
+# pretraining sees a nested share of the training images (finetuning and the re-ranker's refit
+# see all of them), or the whole pipeline sees one
+SCALING_AXES = {"pretrain.data_fraction": "pretraining fraction", "data.fraction": "whole-pipeline fraction"}
 
 
 # ------------------------------------------------------------------ params
@@ -194,6 +198,7 @@ class Run:
     metrics: Optional[dict] = None  # reports/evaluate/metrics.json (fallback for details)
     training: dict[str, dict] = field(default_factory=dict)  # stage -> reports/<stage>/metrics.json
     run_ids: dict[str, str] = field(default_factory=dict)  # stage -> MLflow run id
+    split_images: dict[str, int] = field(default_factory=dict)  # split -> images (reports/preprocess/summary.json)
     notes: list[str] = field(default_factory=list)  # anything odd (e.g. params of an older schema)
 
     @property
@@ -329,9 +334,11 @@ class Group:
     def variant(self) -> Any:
         return self.params.get("objective.variant")
 
-    @property
-    def fraction(self) -> Any:
-        return self.params.get("data.fraction")
+    def axis(self, key: str) -> float:
+        """The group's value of a scaling axis (:data:`SCALING_AXES`); 1.0 where its params
+        predate the key (every image, as before the key existed)."""
+        value = self.params.get(key)
+        return 1.0 if value is None else float(value)
 
     @property
     def seeds(self) -> list:

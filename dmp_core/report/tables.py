@@ -8,7 +8,17 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from dmp_core.report.runs import MODELS, SCORER_NAMES, SEED_SCORER, Group, Run, describe_diff, method_params, param_diff
+from dmp_core.report.runs import (
+    MODELS,
+    SCALING_AXES,
+    SCORER_NAMES,
+    SEED_SCORER,
+    Group,
+    Run,
+    describe_diff,
+    method_params,
+    param_diff,
+)
 from dmp_core.seed_results import SEED_RESULTS
 from dmp_core.stats import chance_recall
 
@@ -77,7 +87,8 @@ def _split_text(split: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------ tables
 def _at_base_fraction(groups: Sequence[Group]) -> list[Group]:
-    return [g for g in groups if "data.fraction" not in g.diff]
+    """The groups at the baseline's value of every scaling axis (the main table's rows)."""
+    return [g for g in groups if not set(SCALING_AXES) & set(g.diff)]
 
 
 def chance_levels(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -214,26 +225,61 @@ def _diagnostic_flags(diag: Mapping[str, Any], floors: Mapping[str, float] = DIA
     return flags
 
 
+RERANK_FLAG = "re-ranked R mean < ITC R mean"
+
+
+def flags_table(groups: Sequence[Group]) -> pd.DataFrame:
+    """One row per method and model, one column per flag: in how many of its runs a diagnostic
+    lies below its floor (:data:`DIAGNOSTIC_FLOORS`) or the headline re-ranking ranks below
+    its own ITC, with the flagged values; ``no (0 of n)`` when none, ``–`` when not measured."""
+    rows = []
+    for group in groups:
+        for model in MODELS:
+            runs = [r for r in group.runs if r.models.get(model)]
+            if not runs:
+                continue
+            row = {"Method": group.label, "Model": MODEL_NAMES[model], "Seeds": _seeds_cell(group)}
+            for key, floor in DIAGNOSTIC_FLOORS.items():
+                values = [v for r in runs if _is_number(v := r.diagnostics(model).get(key))]
+                row[f"{DIAGNOSTIC_NAMES[key]} < {floor:g}"] = _flag_cell(
+                    [f"{v:.3f}" for v in values if v < floor], len(values))
+            pairs = [(r.recall(model, "r_mean"), r.recall(model, "r_mean", "itc")) for r in runs if r.headline != "itc"]
+            pairs = [(head, itc) for head, itc in pairs if head is not None and itc is not None]
+            row[RERANK_FLAG] = _flag_cell([f"{head:.1f} < {itc:.1f}" for head, itc in pairs if head < itc], len(pairs))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _flag_cell(flagged: Sequence[str], measured: int) -> str:
+    """``2 of 3: 0.552, 0.561`` (the flagged runs' values), ``no (0 of 3)``, or ``–`` (not measured)."""
+    if not measured:
+        return "–"
+    return f"{len(flagged)} of {measured}: {', '.join(flagged)}" if flagged else f"no (0 of {measured})"
+
+
 # ------------------------------------------------------------------ data scaling
-SCALING_KEYS = ("objective.variant", "data.fraction")
-
-
-def scaling_sets(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
-    """Sets of groups that differ from each other only in variant and data.fraction, with >= 2 fractions.
+def scaling_sets(groups: Sequence[Group], axis: str = "data.fraction") -> list[tuple[str, list[Group]]]:
+    """Sets of groups that differ from each other only in variant and the scaling ``axis``
+    (a key of :data:`SCALING_AXES`), with >= 2 values of it.
 
     Each set is named by its other settings' difference from the baseline (a scaling
     study run with ``-S pretrain.epochs=1 -S pretrain.steps=null`` is its own set).
     """
+    varying = ("objective.variant", axis)
     sets: dict[tuple, list[Group]] = {}
     for group in groups:
-        key = tuple(item for item in method_params(group.params) if item[0] not in SCALING_KEYS)
+        key = tuple(item for item in method_params(group.params) if item[0] not in varying)
         sets.setdefault(key, []).append(group)
     out = []
     for members in sets.values():
-        if len({g.fraction for g in members}) >= 2:
-            name = describe_diff(members[0].diff, skip=SCALING_KEYS) or "baseline settings"
-            out.append((name, sorted(members, key=lambda g: (str(g.variant), g.fraction))))
-    return sorted(out, key=lambda item: item[0] != "baseline settings")
+        if len({g.axis(axis) for g in members}) >= 2:
+            name = describe_diff(members[0].diff, skip=varying) or "baseline settings"
+            out.append((name, sorted(members, key=lambda g: (str(g.variant), g.axis(axis)))))
+    return sorted(out, key=lambda item: (item[0] != "baseline settings", item[0]))
 
 
 def _values_cell(values: Sequence[Any]) -> str:
@@ -244,13 +290,13 @@ def _values_cell(values: Sequence[Any]) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in unique)
 
 
-def scaling_table(groups: Sequence[Group]) -> pd.DataFrame:
-    """Rows by variant x data.fraction, with the steps and epochs each run actually trained."""
+def scaling_table(groups: Sequence[Group], axis: str = "data.fraction") -> pd.DataFrame:
+    """Rows by variant x value of ``axis``, with the steps and epochs each run actually trained."""
     rows = []
-    for name, members in scaling_sets(groups):
+    for name, members in scaling_sets(groups, axis):
         for group in members:
             first = group.runs[0]
-            row = {"Settings": name, "Variant": group.variant, "data.fraction": f"{group.fraction:g}",
+            row = {"Settings": name, "Variant": group.variant, axis: f"{group.axis(axis):g}",
                    "Scorer": f"finetuned, {SCORER_NAMES.get(first.headline, first.headline)}",
                    "Seeds": _seeds_cell(group)}
             for stage in ("pretrain", "finetune"):
@@ -264,12 +310,18 @@ def scaling_table(groups: Sequence[Group]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _policy(runs: Sequence[Run]) -> str:
+def _policy(runs: Sequence[Run], axis: str) -> str:
+    """Each stage's training length across the runs of one scaling set (finetuning on the
+    pretraining axis sees the full split at every fraction, so its length is not a policy)."""
     parts = []
     for stage in ("pretrain", "finetune"):
         steps = {r.params.get(f"{stage}.steps") for r in runs}
         epochs = {r.params.get(f"{stage}.epochs") for r in runs}
-        if None not in steps and len(steps) == 1:
+        if stage == "finetune" and axis == "pretrain.data_fraction":
+            length = (f"finetune.steps={steps.pop()}" if None not in steps and len(steps) == 1 else
+                      f"finetune.epochs={epochs.pop()}" if None not in epochs and len(epochs) == 1 else "mixed lengths")
+            parts.append(f"finetune: the full training split at every fraction ({length})")
+        elif None not in steps and len(steps) == 1:
             parts.append(f"{stage}: equal optimiser steps ({stage}.steps={steps.pop()} at every fraction, so smaller "
                          "fractions repeat their data for more epochs)")
         elif None not in epochs and len(epochs) == 1:
@@ -280,13 +332,13 @@ def _policy(runs: Sequence[Run]) -> str:
     return "; ".join(parts)
 
 
-def scaling_policy(groups: Sequence[Group]) -> str:
+def scaling_policy(groups: Sequence[Group], axis: str = "data.fraction") -> str:
     """Which training length each scaling set shares: equal optimiser steps, equal epochs, or neither."""
-    sets = scaling_sets(groups)
+    sets = scaling_sets(groups, axis)
     if len(sets) == 1:
-        return f"Training-length policy: {_policy([r for g in sets[0][1] for r in g.runs])}."
+        return f"Training-length policy: {_policy([r for g in sets[0][1] for r in g.runs], axis)}."
     return "Training-length policy: " + " | ".join(
-        f"{name}: {_policy([r for g in members for r in g.runs])}" for name, members in sets) + "."
+        f"{name}: {_policy([r for g in members for r in g.runs], axis)}" for name, members in sets) + "."
 
 
 # ------------------------------------------------------------------ provenance

@@ -1,5 +1,6 @@
 """Statistics and the verdict: paired bootstraps of the groups that differ in one setting,
-every model against chance, their tables, and the paragraph generated from the numbers."""
+every model against chance, their tables, the claims table at the top of the report (the
+paired per-seed differences with their t intervals) and the comparisons in words."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,17 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from dmp_core.report.runs import MODELS, SCORER_NAMES, Group, Run, _ignored, _short, describe_diff
+from dmp_core.report.runs import (
+    MODELS,
+    SCALING_AXES,
+    SCORER_NAMES,
+    Group,
+    Run,
+    _fmt_value,
+    _ignored,
+    _short,
+    describe_diff,
+)
 from dmp_core.report.tables import (
     GAP_FLOORS,
     ITM_FLOORS,
@@ -238,31 +249,167 @@ def _variant_sentence(comp: Comparison) -> str:
     return text
 
 
-def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequence[ChanceTest],
-            levels: Sequence[Mapping[str, Any]]) -> str:
-    """A paragraph generated from the numbers: the variant difference, re-ranking, diagnostics, chance."""
-    sentences = []
-    variant = [c for c in comps if c.setting == "objective.variant"]
-    for comp in variant:
-        sentences.append(_variant_sentence(comp))
-    if not variant:
-        sentences.append("No denoising − MAMO interval: no two runs differ only in objective.variant.")
+def comparisons_text(comps: Sequence[Comparison]) -> str:
+    """The variant comparisons in words (:func:`_variant_sentence`): which interval a claim rests on."""
+    variant = [_variant_sentence(c) for c in comps if c.setting == "objective.variant"]
+    return " ".join(variant) or "No denoising − MAMO interval: no two runs differ only in objective.variant."
+
+
+# ------------------------------------------------------------------ claims: the verdict table
+def _seed_key(seed: Any) -> tuple:
+    return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))
+
+
+@dataclass
+class Claim:
+    """A − B of one model's R mean over the seeds both groups ran, paired by seed."""
+
+    seeds: list
+    diffs: list[float]
+    ci: Optional[dict[str, float]]  # stats.seed_interval of diffs (>= 2 seeds)
+    better: Optional[str]  # the better side when claimable (>= RECIPE_MIN_SEEDS seeds, ci excludes 0)
+
+    @property
+    def word(self) -> str:
+        return f"{self.better} better" if self.better else "no claim"
+
+    @property
+    def cell(self) -> str:
+        """``+1.2 [−0.3, +2.7]`` (the mean and its 95% t interval), ``+1.2 (1 seed)`` or ``–``."""
+        if self.ci is not None:
+            return f"{_signed(self.ci['diff'])} [{_signed(self.ci['lo'])}, {_signed(self.ci['hi'])}]"
+        return f"{_signed(self.diffs[0])} (1 seed)" if self.diffs else "–"
+
+
+def paired_claim(a: Group, b: Group, model: str, scorer: Optional[str] = None,
+                 names: tuple[str, str] = ("A", "B")) -> Claim:
+    """A − B of ``model``'s R mean (``scorer``; default: each run's headline) over the seeds both
+    ran. The better side (``names``) is claimed only with >= RECIPE_MIN_SEEDS seeds and a 95%
+    t interval of the mean difference (stats.seed_interval) that excludes 0."""
+    value_a = {r.seed: r.recall(model, "r_mean", scorer) for r in a.runs}
+    value_b = {r.seed: r.recall(model, "r_mean", scorer) for r in b.runs}
+    seeds = sorted((s for s in value_a if value_a[s] is not None and value_b.get(s) is not None), key=_seed_key)
+    diffs = [value_a[s] - value_b[s] for s in seeds]
+    ci = seed_interval(diffs) if len(diffs) >= 2 else None
+    better = None
+    if ci is not None and ci["n"] >= RECIPE_MIN_SEEDS and excludes_zero(ci):
+        better = names[0] if ci["diff"] > 0 else names[1]
+    return Claim(seeds, diffs, ci, better)
+
+
+def side_names(comp: Comparison) -> tuple[str, str]:
+    """How a claim names the two sides: ``denoising`` / ``MAMO`` for the variant, else the
+    changed setting's values (``vicreg=false`` / ``vicreg=recipe``)."""
+    if comp.setting == "objective.variant":
+        return VARIANT_NAMES.get(str(comp.a.variant), str(comp.a.variant)), \
+            VARIANT_NAMES.get(str(comp.b.variant), str(comp.b.variant))
+    key = comp.setting
+    return f"{_short(key)}={_fmt_value(key, comp.a.params.get(key))}", \
+        f"{_short(key)}={_fmt_value(key, comp.b.params.get(key))}"
+
+
+def point_name(group: Group, axes: Sequence[str] = ()) -> str:
+    """``denoising at pretraining fraction 0.5``; settings other than the variant and the
+    scaling axes in brackets (``MAMO (vicreg=false)``)."""
+    name = VARIANT_NAMES.get(str(group.variant), str(group.variant))
+    rest = describe_diff(group.diff, skip=("objective.variant", *SCALING_AXES))
+    where = ", ".join(f"{SCALING_AXES[axis]} {group.axis(axis):g}" for axis in axes)
+    return name + (f" ({rest})" if rest else "") + (f" at {where}" if where else "")
+
+
+def short_of_seeds(groups: Sequence[Group], axes: Sequence[str] = ()) -> list[str]:
+    """The points of a study that cannot carry a claim: groups with fewer than RECIPE_MIN_SEEDS
+    seeds, or without a seed that another of ``groups`` ran (``denoising at pretraining
+    fraction 0.5: 2 seeds (0, 1; missing 2)``)."""
+    expected = sorted({s for g in groups for s in g.seeds}, key=_seed_key)
+    out = []
+    for group in sorted(groups, key=lambda g: (_variant_rank(g), str(g.variant), *(g.axis(a) for a in axes), g.label)):
+        have = sorted(set(group.seeds), key=_seed_key)
+        missing = [s for s in expected if s not in have]
+        if missing or len(have) < RECIPE_MIN_SEEDS:
+            listed = ", ".join(map(str, have)) + (f"; missing {', '.join(map(str, missing))}" if missing else "")
+            out.append(f"{point_name(group, axes)}: {_n_seeds(len(have))} ({listed})")
+    return out
+
+
+def _claimed(comps: Sequence[Comparison]) -> list[Comparison]:
+    """The comparisons the verdict table shows (not those along a scaling axis), in order:
+    denoising − MAMO, denoising − frozen, MAMO − frozen, then other settings by name."""
+    def rank(comp: Comparison) -> tuple:
+        if comp.setting == "objective.variant":
+            return 0, _variant_rank(comp.a), _variant_rank(comp.b), claim_title(comp)
+        return 1, 0, 0, claim_title(comp)
+    chosen = [c for c in comps if c.setting not in SCALING_AXES]
+    return sorted(chosen, key=lambda c: (rank(c), *(c.a.axis(axis) for axis in SCALING_AXES)))
+
+
+def _varying_axes(comps: Sequence[Comparison]) -> list[str]:
+    return [axis for axis in SCALING_AXES if len({g.axis(axis) for c in comps for g in (c.a, c.b)}) > 1]
+
+
+def claim_title(comp: Comparison) -> str:
+    """``denoising − MAMO``; shared settings other than the scaling axes after ``at``."""
+    name_a, name_b = side_names(comp)
+    rest = describe_diff(comp.a.diff, skip=(comp.setting, *SCALING_AXES))
+    return f"{name_a} − {name_b}" + (f" at {rest}" if rest else "")
+
+
+def claims_table(comps: Sequence[Comparison]) -> pd.DataFrame:
+    """The verdict: one row per comparison (two groups that differ in one setting other than a
+    scaling axis), value of each scaling axis that varies, and model: the mean per-seed
+    difference of R mean (headline scorer) with its 95% t interval, the seeds, the claim."""
+    chosen = _claimed(comps)
+    axes = _varying_axes(chosen)
+    rows = []
+    for comp in chosen:
+        for model in MODELS:
+            claim = paired_claim(comp.a, comp.b, model, names=side_names(comp))
+            rows.append({"Comparison (A − B)": claim_title(comp),
+                         **{SCALING_AXES[axis]: f"{comp.a.axis(axis):g}" for axis in axes},
+                         "Model": MODEL_NAMES[model], "Δ R mean [95% t interval]": claim.cell,
+                         "Seeds": str(len(claim.seeds)), "Claim": claim.word})
+    return pd.DataFrame(rows)
+
+
+def _flag_summary(groups: Sequence[Group]) -> str:
+    """How many models the diagnostics flag (the flags table of the Diagnostics section)."""
+    models = itm = gap = below_itc = 0
     for group in groups:
         for run in group.runs:
-            head = run.headline
-            reranked, itc = run.recall("finetune", "r_mean"), run.recall("finetune", "r_mean", "itc")
-            if head != "itc" and reranked is not None and itc is not None and reranked < itc:
-                sentences.append(f"Re-ranking ranks below its own retriever for {run.name} ({group.label}): finetuned "
-                                 f"R mean {reranked:.1f} {SCORER_NAMES.get(head, head)} vs {itc:.1f} ITC-only "
-                                 "(a defect of the re-ranker, not a result).")
             for model in MODELS:
                 diag = run.diagnostics(model)
-                where = f"{run.name} ({group.label}, {MODEL_NAMES[model]})"
-                itm_flags, gap_flags = _diagnostic_flags(diag, ITM_FLOORS), _diagnostic_flags(diag, GAP_FLOORS)
-                if itm_flags:
-                    sentences.append(f"The ITM head of {where} is below its floor: {', '.join(itm_flags)}.")
-                if gap_flags:
-                    sentences.append(f"The fusion of {where} is not using a modality: {', '.join(gap_flags)}.")
+                models += bool(diag)
+                itm += bool(_diagnostic_flags(diag, ITM_FLOORS))
+                gap += bool(_diagnostic_flags(diag, GAP_FLOORS))
+                head, itc = run.recall(model, "r_mean"), run.recall(model, "r_mean", "itc")
+                below_itc += run.headline != "itc" and head is not None and itc is not None and head < itc
+    if not (itm or gap or below_itc):
+        return (f"The diagnostics flag none of the {models} models (ITM floors, modality use, re-ranking against "
+                "ITC)." if models else "No diagnostics.")
+    return (f"Diagnostic flags (Diagnostics, first table): ITM below its floor in {itm} of {models} models, a "
+            f"modality unused in {gap}, the re-ranking below its own ITC in {below_itc}.")
+
+
+def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequence[ChanceTest],
+            levels: Sequence[Mapping[str, Any]]) -> str:
+    """The lines under the claims table: what a claim needs, the points short of seeds, how many
+    models the diagnostics flag, and chance."""
+    chosen = _claimed(comps)
+    sentences = []
+    if chosen:
+        head = chosen[0].a.runs[0].headline
+        sentences.append(f"Δ: A − B of the R mean ({SCORER_NAMES.get(head, head)}, test split), the mean over the "
+                         f"seeds both ran of the per-seed differences (paired by seed) with its 95% Student t "
+                         f"interval; a claim needs >= {RECIPE_MIN_SEEDS} seeds and an interval that excludes 0. "
+                         f"Bootstrap intervals of one checkpoint pair and the comparisons in words: Statistics.")
+        involved = [g for g in groups if any(g is c.a or g is c.b for c in chosen)]
+        short = short_of_seeds(involved, _varying_axes(chosen))
+        if short:
+            sentences.append(f"Partial (a claim needs >= {RECIPE_MIN_SEEDS} seeds of each point): "
+                             + "; ".join(short) + ".")
+    else:
+        sentences.append("No claims: no two methods differ in exactly one setting other than a data fraction.")
+    sentences.append(_flag_summary(groups))
     for level in levels:
         sentences.append(f"Chance R mean on {_split_text(level['split'])} is {level['chance']['r_mean']:.2f}.")
     if tests:

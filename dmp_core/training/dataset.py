@@ -261,7 +261,7 @@ class PairDataset(Dataset):
 
 class ImageSubset(Dataset):
     """The training items of ``dataset`` whose image is one of ``images``: what pretraining
-    sees at ``pretrain.data_fraction`` < 1 (:func:`pretrain_images`). Item ``i`` is the
+    sees at ``pretrain.data_fraction`` < 1 (:func:`dmp_core.training.loop.pretrain_images`). Item ``i`` is the
     dataset's item ``items[i]``; image ids stay the dataset's, so the MIM targets and
     ``image_id`` keep pointing at the right rows."""
 
@@ -288,12 +288,3 @@ class ImageSubset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         return self.dataset[int(self.items[idx])]
-
-
-def pretrain_images(num_images: int, data_fraction: float, seed: int) -> np.ndarray:
-    """The nested share of the training images that pretraining sees: the first
-    ``ceil(data_fraction * N)`` of one seeded ranking (the ranking of ``data.fraction``,
-    :func:`~dmp_core.data.preprocess.fraction_subset`), so 0.25 is a subset of 0.5."""
-    from dmp_core.data.preprocess import fraction_subset
-
-    return fraction_subset(num_images, data_fraction, seed)

@@ -429,13 +429,22 @@ def _build_pretrainer(cfg: Config, stage: str, prepared_dir: Path, init_weights:
     return create_pretrainer(cfg, stage, model, meta=meta, world_size=ddp.world_size).to(ddp.device)
 
 
+def pretrain_images(num_images: int, data_fraction: float, seed: int) -> np.ndarray:
+    """The nested share of the training images that pretraining sees: the first
+    ``ceil(data_fraction * N)`` of one seeded ranking (the ranking of ``data.fraction``,
+    :func:`~dmp_core.data.preprocess.fraction_subset`), so 0.25 is a subset of 0.5."""
+    from dmp_core.data.preprocess import fraction_subset
+
+    return fraction_subset(num_images, data_fraction, seed)
+
+
 def _build_data(cfg: Config, stage: str, train: TrainParams, prepared_dir: Path, targets_dir: str | Path | None,
                 ddp: DistInfo, pretrainer: Any, log: Callable[[str], None]) -> tuple[Dataset, EpochBatchSampler, DataLoader]:
     """The train split, its resumable sampler (this rank's slice of each global batch), the loader.
 
     With ``neighbour_batches`` G > 1 each batch is groups of G mutual ITC neighbours by the
     stage's initial model (:class:`NeighbourBatchSampler`), else a random permutation."""
-    from dmp_core.training.dataset import ImageSubset, PairDataset, pretrain_images
+    from dmp_core.training.dataset import ImageSubset, PairDataset
 
     dataset: Any = PairDataset(prepared_dir, "train", targets_dir=targets_dir, target_kinds=target_kinds(cfg, stage),
                                captions=train.captions, seed=cfg.seed)
