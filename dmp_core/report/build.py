@@ -32,7 +32,9 @@ from dmp_core.report.verdict import (
     claims_table,
     comparisons,
     comparisons_text,
+    rerank_gain_table,
     statistics_table,
+    varying_axes,
     verdict,
 )
 
@@ -105,6 +107,11 @@ def build_report(
             "No two methods differ in exactly one setting (other than a data fraction): no claims.")
     if runs:
         lines.extend([verdict(groups, comps, tests, levels), ""])
+        section("Does re-ranking pay?", rerank_gain_table(groups, varying_axes(groups)),
+                "No run has a re-ranking scorer.",
+                "The headline re-ranked R mean minus the same model's ITC-only R mean (the first stage it re-orders), "
+                "per seed, and its mean with the 95% Student t interval over seeds. A re-ranker below its own ITC "
+                "on a seed is a defect of the re-ranker, not a result.", level="###")
 
     section("Main results", main_table(groups, runs, include_seed_numbers),
             "No evaluation results yet (reports/evaluate/details.json and metrics.json are missing).",

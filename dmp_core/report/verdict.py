@@ -343,6 +343,11 @@ def _claimed(comps: Sequence[Comparison]) -> list[Comparison]:
     return sorted(chosen, key=lambda c: (rank(c), *(c.a.axis(axis) for axis in SCALING_AXES)))
 
 
+def varying_axes(groups: Sequence[Group]) -> list[str]:
+    """The scaling axes (SCALING_AXES keys) on which ``groups`` take more than one value."""
+    return [axis for axis in SCALING_AXES if len({g.axis(axis) for g in groups}) > 1]
+
+
 def _varying_axes(comps: Sequence[Comparison]) -> list[str]:
     return [axis for axis in SCALING_AXES if len({g.axis(axis) for c in comps for g in (c.a, c.b)}) > 1]
 
@@ -368,6 +373,30 @@ def claims_table(comps: Sequence[Comparison]) -> pd.DataFrame:
                          **{SCALING_AXES[axis]: f"{comp.a.axis(axis):g}" for axis in axes},
                          "Model": MODEL_NAMES[model], "Δ R mean [95% t interval]": claim.cell,
                          "Seeds": str(len(claim.seeds)), "Claim": claim.word})
+    return pd.DataFrame(rows)
+
+
+def rerank_gain_table(groups: Sequence[Group], axes: Sequence[str] = ()) -> pd.DataFrame:
+    """Does the second stage pay? Per method (and point of a scaling axis) and model: the headline
+    re-ranked R mean minus the same model's ITC-only R mean, per seed and as the mean with its 95%
+    t interval over seeds, and whether re-ranking was >= ITC on every seed (a re-ranker below its
+    own retriever is a defect). Groups whose headline is ITC itself have no row."""
+    rows = []
+    ordered = sorted(groups, key=lambda g: (_variant_rank(g), str(g.variant), *(g.axis(a) for a in axes), g.label))
+    for group in ordered:
+        for model in MODELS:
+            pairs = sorted(((r.seed, r.recall(model, "r_mean"), r.recall(model, "r_mean", "itc")) for r in group.runs
+                            if r.headline != "itc"), key=lambda p: _seed_key(p[0]))
+            gains = [head - itc for _, head, itc in pairs if head is not None and itc is not None]
+            if not gains:
+                continue
+            ci = seed_interval(gains) if len(gains) >= 2 else None
+            cell = (f"{_signed(ci['diff'])} [{_signed(ci['lo'])}, {_signed(ci['hi'])}]" if ci is not None
+                    else f"{_signed(gains[0])} (1 seed)")
+            rows.append({"Method": point_name(group, axes), "Model": MODEL_NAMES[model],
+                         "re-ranked − ITC only [95% t interval]": cell,
+                         "per seed": ", ".join(_signed(g) for g in gains), "Seeds": str(len(gains)),
+                         ">= ITC on every seed": "yes" if min(gains) >= 0 else f"no ({sum(g < 0 for g in gains)} below)"})
     return pd.DataFrame(rows)
 
 
