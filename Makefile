@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv run test test-fast bench clean-venv
+.PHONY: venv run test test-fast bench reports clean-venv
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not distributed"
+
+# the committed study reports, regenerated from their committed exports alone (no DVC
+# experiment needed): the same bytes of results.md on any clone (figures may differ in rendering)
+reports: $(STAMP)
+	$(BIN)/dmp report --only-runs --runs reports/runs --params reports/study/params.yaml --reports reports/study
+	$(BIN)/dmp report --only-runs --runs reports/photos/runs --params reports/photos/params.yaml --reports reports/photos
 
 bench: $(STAMP)
 	$(BIN)/dmp bench hog

@@ -29,11 +29,12 @@ from orchestration.runs import experiment_refs, experiment_rows, git_bytes, git_
 
 EXPORTED = (
     "params.yaml",
-    "reports/preprocess/summary.json",  # the split sizes (which images each stage saw) and skipped items
+    "reports/preprocess/summary.json",  # the split sizes (which images each stage saw); DVC-cached, not in git
     "reports/evaluate/metrics.json", "reports/evaluate/details.json", "reports/evaluate/ranks.npz",
     *(f"reports/{stage}/{name}" for stage in ("pretrain", "finetune")
       for name in ("metrics.json", "history.csv", "val_history.csv")),
 )
+DVC_TRACKED = ("reports/preprocess/summary.json",)  # exported from the DVC cache
 SOURCE = "source.json"  # provenance of a run exported by export_experiment: commit shas only
 # the files that make an exported folder a finished run
 FINISHED_FILES = ("params.yaml", "reports/evaluate/metrics.json")
@@ -79,6 +80,17 @@ def experiment_commit(name: str, baseline: str = "HEAD", cwd: Path | None = None
     return _git_line("rev-parse", "--verify", "--quiet", f"refs/exps/{sha[:2]}/{sha[2:]}/{name}^{{commit}}", cwd=cwd)
 
 
+def dvc_cached(path: str, commit: str, cwd: Path | None = None) -> Optional[bytes]:
+    """``path`` as DVC tracks it at ``commit`` (an output that is in the DVC cache, not in git),
+    or None when this clone's cache does not hold it."""
+    import dvc.api
+
+    try:
+        return dvc.api.read(path, rev=commit, repo=str(cwd or Path.cwd()), mode="rb")
+    except Exception:  # noqa: BLE001 - not tracked, not cached, no remote: the export goes without it
+        return None
+
+
 def export_experiment(out: Path, name: str, rev: Optional[str] = None, *, baseline: str = "HEAD",
                       cwd: Path | None = None) -> Optional[Path]:
     """Export ONE experiment: its :data:`EXPORTED` files and :data:`SOURCE` (``{"experiment",
@@ -92,6 +104,8 @@ def export_experiment(out: Path, name: str, rev: Optional[str] = None, *, baseli
         return None
     for path in EXPORTED:  # the folder holds exactly this commit's files (another run of the name may be there)
         data = read(path)
+        if data is None and path in DVC_TRACKED:
+            data = dvc_cached(path, commit, cwd)
         if data is not None:
             write_bytes(out / name / path, data)
         elif (out / name / path).is_file():
