@@ -22,7 +22,7 @@ MLflow) and labels them by the ``--params`` file on disk, so that any clone, wit
 without DVC experiments, regenerates a committed results.md byte for byte::
 
     dmp report --only-runs --runs reports/photos/runs \\
-        --params reports/photos/runs/seed-denoising-s0/params.yaml --reports reports/photos
+        --params reports/photos/params.yaml --reports reports/photos
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ absolute path), so a committed report regenerates byte for byte from its exporte
 any clone, DVC experiments or not (figures may differ in rendering)::
 
     dmp report --only-runs --runs reports/photos/runs \\
-        --params reports/photos/runs/seed-denoising-s0/params.yaml --reports reports/photos
+        --params reports/photos/params.yaml --reports reports/photos
 
 Modules, each importing only those above it:
 
