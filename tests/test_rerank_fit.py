@@ -24,7 +24,7 @@ class Heads(nn.Module):
 
 
 def _bank(seed: int, n_images: int = 40, per_image: int = 2, k: int = 6, dim: int = 8,
-          signal: float = 2.0, same_text: tuple[int, int] | None = None) -> PairBank:
+          signal: float = 2.0, same_text: tuple[int, int] | None = None, gold_shift: float = 0.03) -> PairBank:
     """A split whose ITC is weak (gold similarity barely above the rest) and whose pair
     states carry, in their first coordinate, ``signal`` times "this pair matches".
     ``same_text`` (a, b): caption a gets caption b's tokens, and each is made an ITC
@@ -32,7 +32,7 @@ def _bank(seed: int, n_images: int = 40, per_image: int = 2, k: int = 6, dim: in
     gen = np.random.default_rng(seed)
     txt2img = np.repeat(np.arange(n_images), per_image)
     sim = gen.normal(0.0, 0.02, (n_images, len(txt2img))).astype(np.float32)
-    sim[txt2img, np.arange(len(txt2img))] += 0.03
+    sim[txt2img, np.arange(len(txt2img))] += gold_shift
     input_ids = np.stack([np.array([t, 0]) for t in range(len(txt2img))])
     if same_text is not None:
         a, b = same_text
@@ -124,3 +124,16 @@ def test_step_0_is_itc_and_a_fit_that_does_not_help_keeps_itc_order() -> None:
         assert torch.count_nonzero(corrections) == 0
     else:
         assert torch.count_nonzero(corrections) > 0
+
+
+def test_no_gold_in_any_top_k_takes_no_step_and_keeps_itc_order() -> None:
+    """A retriever that never ranks a gold pair in its top-k leaves nothing to learn: the fit
+    takes no step (no error, no NaN loss) and the re-ranked order stays ITC's."""
+    train, val = _bank(0, gold_shift=-1.0), _bank(1)
+    assert len(fit_groups(train).pair) == 0
+    model = Heads(8)
+    fit = fit_rerank_head(model, train, val, steps=50, lr=1e-2, batch=64, every=10, tau=TAU, ks=[6],
+                          itc_weights=[1.0], seed=0)
+    assert (fit["steps"], fit["chosen_step"], fit["train_queries"], fit["train_loss"]) == (0, 0, 0, {})
+    assert list(fit["val_r_mean"]) == [0]
+    assert torch.count_nonzero(Corrector(model)(val.states, val.margins)) == 0

@@ -163,7 +163,9 @@ def fit_rerank_head(model: nn.Module, train: PairBank, val: PairBank, *, steps: 
     ITC's order exactly and a fit that does not help on val leaves the test ranks at ITC's.
     Writes the chosen head into ``model`` and returns
     ``{"steps", "chosen_step", "val_r_mean" {step: R mean}, "train_loss" {step: loss},
-    "train_queries", "choice"}`` (``choice``: the val grid's pick for the chosen head)."""
+    "train_queries", "choice"}`` (``choice``: the val grid's pick for the chosen head). When no
+    training query has a gold candidate in its top-k (``train_queries`` 0) it takes no step:
+    the head stays at zero and the re-ranked order is ITC's."""
     groups = fit_groups(train)
     corrector = Corrector(model, restart=True)
     best_state: Optional[dict[str, torch.Tensor]] = None
@@ -178,13 +180,16 @@ def fit_rerank_head(model: nn.Module, train: PairBank, val: PairBank, *, steps: 
         nonlocal best, best_state
         choice = choose_rerank(bank_candidates(val, corrector), val.sim_i2t, val.txt2img, ks, itc_weights, tau)
         val_curve[step] = round(choice["r_mean"], 4)
-        with torch.no_grad():
-            loss_curve[step] = round(float(group_loss(corrector, train, groups, all_rows, tau)), 5)
+        if len(all_rows):
+            with torch.no_grad():
+                loss_curve[step] = round(float(group_loss(corrector, train, groups, all_rows, tau)), 5)
         if best is None or choice["r_mean"] > best[0]:
             best = (choice["r_mean"], step, choice)
             best_state = copy.deepcopy(corrector.state_dict())
 
     check(0)
+    if not len(groups.pair):  # no training query has its gold in its top-k: nothing to learn from
+        steps = 0
     for step in range(1, steps + 1):
         rows = torch.randint(len(groups.pair), (min(batch, len(groups.pair)),), generator=gen)
         loss = group_loss(corrector, train, groups, rows, tau)
