@@ -15,7 +15,10 @@ them into tables, statistics, plots and the gallery:
 - exported runs (``dmp report --runs DIR``, repeatable): every folder of DIR with
   ``params.yaml`` and ``reports/evaluate/metrics.json`` (what ``--export-runs`` and
   ``dmp study`` write), read from disk, named by the folder, sorted by name, and merged
-  with the runs above when params and results are the same.
+  with the runs above when params and results are the same;
+- a study's plan (``DIR/plan.json``, written by ``dmp study``): the runs it planned, each
+  resolved as the ``--params`` file with its overrides; those that no run is (same method
+  params and seed) are named in the report as missing points.
 
 ``--only-runs`` reads the exports alone (no workspace, HEAD, experiment, ``dvc status`` or
 MLflow) and labels them by the ``--params`` file on disk, so that any clone, with or
@@ -265,6 +268,72 @@ def exported_run(folder: Path):
                       rev=str(commit)[:7] if commit else None, where=f"exported run {folder.name}")
 
 
+# ------------------------------------------------------------------ a study's plan
+PLAN = "plan.json"  # DIR/plan.json: the runs a study planned (orchestration.study.write_plan)
+
+
+def plan_entries(path: Path) -> list[dict]:
+    """The entries of a plan.json, ``[{"name": experiment name, "params": {dotted key: value as
+    a YAML string}}]``; [] when there is no such file. ValueError when it is not such a list."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())  # json.JSONDecodeError is a ValueError
+    if not isinstance(data, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("params"), dict) for e in data):
+        raise ValueError('not a JSON list of {"name", "params"} entries')
+    return data
+
+
+def _override(value: Any) -> Any:
+    """A plan's value (the text of a ``-S key=value``) as the params file holds it: parsed as YAML."""
+    import yaml
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def planned_runs(runs_dirs: tuple[Path, ...], params_path: Path, notes: list[str]):
+    """The runs planned in each ``DIR/plan.json`` (:class:`dmp_core.report.PlannedRun`), each
+    resolved as ``params_path`` (the report's ``--params`` file, which the study's experiments
+    start from) with its overrides, by the canonical-params machinery that ``dmp study`` skips
+    finished runs with; None when no DIR has a plan.json. An unreadable plan adds a note."""
+    import yaml
+
+    from dmp_core.config import apply_dotted
+    from dmp_core.report import PlannedRun, resolve_params
+
+    found: Optional[list] = None
+    try:
+        raw = yaml.safe_load(params_path.read_text()) if params_path.is_file() else {}
+    except yaml.YAMLError:
+        raw = None
+    for root in runs_dirs:
+        path = root / PLAN
+        if not path.is_file():
+            continue
+        try:
+            entries = plan_entries(path)
+        except (OSError, ValueError) as err:
+            notes.append(f"{shown_path(path)} is not a readable plan ({err}): ignored.")
+            continue
+        found = found if found is not None else []
+        for entry in entries:
+            overrides = {str(k): _override(v) for k, v in entry["params"].items()}
+            params, note = resolve_params(apply_dotted(raw if isinstance(raw, dict) else {}, overrides),
+                                          f"{shown_path(path)}:{entry['name']}")
+            if note:
+                notes.append(f"Planned run {entry['name']}: {note}.")
+            found.append(PlannedRun(entry["name"], params))
+        notes.append(f"Planned runs: {len(entries)} in {shown_path(path)} (the study's plan), each matched to a run "
+                     f"by its method params and seed; the points with planned runs not run yet are named under the "
+                     f"Verdict and in Data scaling.")
+    return found
+
+
 def shown_path(path: Path) -> str:
     """``path`` as the report prints it: relative to the working directory when inside it
     (no machine-dependent prefix in results.md)."""
@@ -471,8 +540,9 @@ def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("da
     """Collect everything and write reports/results.md (+ figures); return its path.
 
     ``notes``: lines the caller adds to the report's notes (a study's completeness);
-    ``runs_dirs``: folders of exported runs read too; ``only_runs``: those alone (see the
-    module docstring), without a gallery (exports hold no images or score matrices)."""
+    ``runs_dirs``: folders of exported runs read too, and the plan.json of each
+    (:func:`planned_runs`); ``only_runs``: those alone (see the module docstring), without a
+    gallery (exports hold no images or score matrices)."""
     from dmp_core.errors import DmpError
     from dmp_core.report import build_report, load_gallery
 
@@ -481,6 +551,7 @@ def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("da
         raise DmpError("report --only-runs: give the exported runs with --runs DIR")
     inputs = collect(cfg, reports, params_path=params_path, num=num, use_dvc=experiments, runs_dirs=runs_dirs,
                      only_runs=only_runs)
+    planned = planned_runs(runs_dirs, params_path, inputs.notes)
     scores = reports / "evaluate" / "scores.npz"
     split_dir = prepared / cfg.eval.split
     gallery = (load_gallery(scores, split_dir, dataset=cfg.data.name)
@@ -497,7 +568,7 @@ def write_report(cfg, reports: Path = Path("reports"), prepared: Path = Path("da
                         gallery_queries=cfg.report.gallery_queries,
                         include_seed_numbers=cfg.report.include_seed_numbers,
                         bootstrap_samples=cfg.report.bootstrap_samples, notes=list(notes) + inputs.notes,
-                        sources=_sources(runs_dirs, experiments, only_runs))
+                        sources=_sources(runs_dirs, experiments, only_runs), planned=planned)
     echo(f"report: {path} ({len(inputs.runs)} runs, {len(inputs.histories)} loss histories"
          + (f", {len(inputs.warnings)} warnings" if inputs.warnings else "") + ")")
     return path

@@ -13,6 +13,8 @@ method params and seed under any name (:func:`skip_finished`); ``--rerun`` runs 
 again. Each experiment that finishes successfully is exported to that folder at once
 (:func:`orchestration.export.export_experiment`), so a study that spans sessions and clones
 goes on from its committed exports: commit them, pull in the other clone, run the same command.
+Before queueing, the study records its plan in ``<runs>/plan.json`` (:func:`write_plan`), so
+that the report names the planned runs that have not run yet; it is committed with the exports.
 
 Overrides always use ``++key=value``: DVC then sets the key whether or not the lean
 params.yaml lists it (a plain ``key=value`` fails for an absent key); a misspelt key
@@ -47,6 +49,7 @@ from dmp_core.errors import DmpError
 from orchestration.cluster import ClusterSettings, is_sqlite, run_remote
 from orchestration.export import FinishedRun, export_experiment, finished_runs, head_sha
 from orchestration.repo import echo, params_differ_from_head, untracked_sources
+from orchestration.runs import PLAN, plan_entries
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 VARIANTS = ("mamo", "denoising")  # the default pair; --variants may add frozen (the LiT baseline)
@@ -389,6 +392,32 @@ def skip_finished(plan: Sequence[PlannedExp], configs: Sequence[Config],
     return todo, lines
 
 
+def write_plan(runs: Path, plan: Sequence[PlannedExp]) -> Path:
+    """Record ``plan`` in ``runs/plan.json``: one ``{"name", "params"}`` per planned experiment
+    (``params``: its overrides, dotted key -> value text), merged by name with the entries there
+    (another invocation's plan: its names are kept, the same name is replaced), sorted by name,
+    as deterministic JSON (sorted keys, no time), written atomically. ``dmp report --runs`` reads
+    it and names the planned runs that no run is yet (:func:`orchestration.runs.planned_runs`)."""
+    from dmp_core.io import write_json
+
+    path = runs / PLAN
+    try:
+        entries = {entry["name"]: entry for entry in plan_entries(path)}
+    except (OSError, ValueError) as err:
+        raise StudyFailed(f"study: {path} is not a readable plan ({err}); repair it (a merge conflict?) "
+                          "or remove it, then run the study again") from None
+    entries |= {exp.name: {"name": exp.name, "params": dict(exp.overrides)} for exp in plan}
+    write_json(path, [entries[name] for name in sorted(entries)])
+    return path
+
+
+def _record_plan(runs: Optional[Path], plan: Sequence[PlannedExp]) -> None:
+    if runs is not None:
+        path = write_plan(runs, plan)
+        echo(f"study: the plan ({len(plan)} runs) is recorded in {path}: the report names the planned runs not "
+             f"run yet; commit it with the exports")
+
+
 def commit_line(runs: Path, names: Sequence[str], kind: str) -> str:
     message = f"study {kind}: {len(names)} runs exported to {runs}"
     return f"git add {shlex.quote(str(runs))} && git commit -m {shlex.quote(message)}"
@@ -432,7 +461,8 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
     """Queue, run and wait for ``plan``, then write the report; returns the report's exit
     status (``dry_run``: print the commands as a shell script, run nothing, return 0).
 
-    ``runs`` (a folder of exported runs): planned experiments that an exported run already is
+    ``runs`` (a folder of exported runs): the plan is recorded in ``runs/plan.json``
+    (:func:`write_plan`; not on a dry run), planned experiments that an exported run already is
     are skipped (:func:`skip_finished`; ``rerun`` runs them all), and each experiment that
     finishes successfully is exported there at once (:func:`orchestration.export.export_experiment`),
     as is a finished one of this commit that the study keeps. ``configs``: the planned
@@ -440,12 +470,15 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
 
     ``cluster.engine`` other than ``queue`` hands the plan to :func:`orchestration.cluster.run_remote`."""
     cluster = cluster or ClusterSettings()
+    planned: list[PlannedExp] = list(plan)  # recorded in runs/plan.json, finished or not
     skipped: list[str] = []
     if runs is not None and not rerun:
         plan, skipped = skip_finished(plan, configs if configs is not None else planned_configs(plan, params), runs)
     if cluster.engine != "queue":
         for line in skipped:
             echo(f"study: {line}")
+        if not dry_run:
+            _record_plan(runs, planned)
         return run_remote(plan, kind, cluster, params, dry_run=dry_run, rerun=rerun)
     dvc = [sys.executable, "-m", "dvc"]
     starts = worker_starts(jobs, cluster.gpus, cluster.tracking_uri, max(1, int(cluster.gpus_per_exp)))
@@ -470,6 +503,7 @@ def run_study(plan: Sequence[PlannedExp], *, jobs: int, dry_run: bool, params: P
     if differ:
         echo(f"study: note: {params} differs from HEAD's in {', '.join(differ)}; every experiment of this study "
              f"starts from the workspace, so it includes that change")
+    _record_plan(runs, planned)  # before queueing, also when every planned run is finished already
 
     # the commit the queued experiments are made on (HEAD may move while they run: a commit of exports)
     export = _Exporter(runs, head_sha() if runs is not None else None)

@@ -29,7 +29,7 @@ def report_cmd(
                                                         "histories to DIR/<name>/ (orchestration/export.py)")] = None,
     runs: Annotated[Optional[list[Path]], typer.Option(
         "--runs", help="also read the exported runs in DIR (each DIR/<name>/ with params.yaml and "
-                       "reports/evaluate/metrics.json); repeatable")] = None,
+                       "reports/evaluate/metrics.json) and DIR/plan.json, a study's plan; repeatable")] = None,
     only_runs: Annotated[bool, typer.Option(help="read the --runs folders only (no workspace, HEAD, experiment, "
                                                  "dvc status or MLflow), labelled by the --params file")] = False,
 ) -> None:

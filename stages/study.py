@@ -23,7 +23,8 @@ RerunOpt = Annotated[bool, typer.Option("--rerun", help="run every planned exper
 PollOpt = Annotated[float, typer.Option("--poll-s", min=0.5, help="seconds between `dvc queue status` polls")]
 RunsOpt = Annotated[Path, typer.Option("--runs", help="exported runs (DIR/<name>/): a planned experiment that one of "
                                                       "them is (same method params and seed) is not run again; each "
-                                                      "experiment is exported there as it finishes")]
+                                                      "experiment is exported there as it finishes, and the plan "
+                                                      "recorded in DIR/plan.json (the report names what is not run)")]
 VariantsOpt = Annotated[str, typer.Option(help="objective.variant values, comma-separated")]
 
 

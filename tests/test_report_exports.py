@@ -280,3 +280,56 @@ def test_the_rerank_gain_table_matches_a_brute_force_reference(study, tmp_path) 
         assert row["per seed"] == ", ".join(_signed(g) for g in gains) and row["Seeds"] == str(n)
         below = sum(g < 0 for g in gains)
         assert row[">= ITC on every seed"] == ("yes" if not below else f"no ({below} below)")
+
+
+def test_the_report_names_the_planned_points_not_run_yet(tmp_path, monkeypatch) -> None:
+    """A study that spans sessions: only fraction 1 is exported (both methods, 3 seeds), its
+    plan.json (what ``dmp study scaling`` records) has fractions 0.25 and 1. The report names
+    fraction 0.25 of both methods as not run, and not fraction 1's points; byte for byte the
+    same twice; complete once every planned run is there."""
+    from dmp_core.config import load_config
+    from orchestration.study import scaling_plan, write_plan
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {"bootstrap_samples": 200}}))
+    for variant in QUALITY:
+        for seed in range(3):
+            _write_export(tmp_path / "runs", variant, 1.0, seed)
+    write_plan(tmp_path / "runs", scaling_plan(3, [0.25, 1.0], ["denoising", "mamo"],
+                                               base=load_config(tmp_path / "params.yaml")))
+
+    command = ["--only-runs", "--runs", "runs", "--reports", "out"]
+    _report(*command)
+    first = (tmp_path / "out/results.md").read_bytes()
+    shutil.rmtree(tmp_path / "out")
+    _report(*command)
+    assert (tmp_path / "out/results.md").read_bytes() == first
+    text = first.decode()
+    missing = ("denoising at pretraining fraction 0.25: seeds 0, 1, 2 not run; "
+               "MAMO at pretraining fraction 0.25: seeds 0, 1, 2 not run")
+    top = text.split("\n## Main results")[0]
+    assert (f"Partial (a claim needs >= 3 seeds of each point, and the study's plan has runs not run yet): "
+            f"{missing}."
+            in top), top
+    assert f"(run `dmp study scaling`). Planned by the study and not run yet: {missing}." in text
+    assert "fraction 1:" not in text and "- Planned runs: 12 in runs/plan.json" in text
+
+    # one method's fraction 0.25 in part: a scaling section, whose partial text names both points
+    for seed in (0, 1):
+        _write_export(tmp_path / "runs", "denoising", 0.25, seed)
+    _report(*command)
+    scaling = (tmp_path / "out/results.md").read_text().split("\n## Data scaling: pretraining fraction")[1]
+    assert ("Partial study: these points have fewer seeds than a claim needs (>= 3) or than the other points, or "
+            "runs the study planned that have not run yet: denoising at pretraining fraction 0.25: 2 seeds (0, 1; "
+            "missing 2); MAMO at pretraining fraction 0.25: seeds 0, 1, 2 not run.") in scaling
+    # every planned run finished: complete
+    _write_export(tmp_path / "runs", "denoising", 0.25, 2)
+    for seed in range(3):
+        _write_export(tmp_path / "runs", "mamo", 0.25, seed)
+    _report(*command)
+    text = (tmp_path / "out/results.md").read_text()
+    assert "Complete: every run the study planned has finished and every point has >= 3 seeds." in text
+    assert ("Complete: every run the study planned at these settings has finished and every point has the seeds "
+            "0, 1, 2.") in text
+    assert "seeds 0, 1, 2 not run" not in text and "Partial" not in text

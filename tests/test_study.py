@@ -522,6 +522,62 @@ def test_run_study_exports_each_success_at_once_and_no_failure(monkeypatch, para
     assert asked == [] and "0 of 4 planned runs remain: every one is finished in" in capsys.readouterr().err
 
 
+def test_run_study_records_its_plan_before_queueing_merged_by_name(monkeypatch, params, tmp_path, capsys) -> None:
+    """runs/plan.json: every planned experiment (name, overrides), written before anything is queued,
+    also when every one is finished; a later invocation adds its names and replaces the same name;
+    a dry run writes nothing."""
+    runs = tmp_path / "runs"
+    plan_json = runs / "plan.json"
+    plan = study.seeds_plan(2, ["denoising"])
+    study.run_study(plan, jobs=1, dry_run=True, params=params, poll_s=0, runs=runs)
+    assert not plan_json.exists() and not runs.exists()
+
+    calls = _fake_dvc(monkeypatch, plan)
+    fake, seen = study.subprocess.run, []
+
+    def spy(cmd, **kwargs):  # whether the plan is there when each experiment is queued
+        if "--queue" in cmd:
+            seen.append(plan_json.is_file())
+        return fake(cmd, **kwargs)
+
+    monkeypatch.setattr(study.subprocess, "run", spy)
+    _fake_export(monkeypatch, runs, plan)
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs, kind="seeds")
+    assert seen == [True, True] and len([c for c in calls if "--queue" in c]) == 2
+    text = plan_json.read_text()
+    assert json.loads(text) == [
+        {"name": "seed-denoising-s0", "params": {"objective.variant": "denoising", "seed": "0"}},
+        {"name": "seed-denoising-s1", "params": {"objective.variant": "denoising", "seed": "1"}}]
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    assert f"the plan (2 runs) is recorded in {plan_json}" in capsys.readouterr().err
+
+    # every planned run is finished: nothing queued, the plan recorded all the same
+    plan_json.unlink()
+    calls = _fake_dvc(monkeypatch, plan)
+    study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs, kind="seeds")
+    assert [c for c in calls if c[:1] == ["dvc"]] == [] and plan_json.read_text() == text
+
+    # another invocation: its names are added, the same name replaced, the rest kept; sorted by name
+    other = [study.PlannedExp("seed-denoising-s1", {"objective.variant": "denoising", "objective.vicreg": "false",
+                                                    "seed": "1"}),
+             *study.scaling_plan(1, [0.5], ["mamo"], base=load_config(params))]
+    _fake_dvc(monkeypatch, other)
+    monkeypatch.setattr(study, "export_experiment", lambda *args, **kwargs: None)  # exports nothing this time
+    study.run_study(other, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs, kind="scaling")
+    entries = json.loads(plan_json.read_text())
+    assert [e["name"] for e in entries] == ["pts-mamo-f050-s0", "seed-denoising-s0", "seed-denoising-s1"]
+    assert entries[0]["params"] == other[1].overrides and entries[0]["params"]["pretrain.data_fraction"] == "0.5"
+    assert entries[2]["params"] == {"objective.variant": "denoising", "objective.vicreg": "false", "seed": "1"}
+    before = plan_json.read_bytes()
+    study.run_study(other, jobs=1, dry_run=True, params=params, poll_s=0, runs=runs)  # a dry run changes nothing
+    assert plan_json.read_bytes() == before
+
+    plan_json.write_text("<<<<<<< HEAD\n")  # a merge conflict: refused, named, not overwritten
+    with pytest.raises(study.StudyFailed, match=r"plan\.json is not a readable plan"):
+        study.run_study(plan, jobs=1, dry_run=False, params=params, poll_s=0, runs=runs)
+    assert plan_json.read_text() == "<<<<<<< HEAD\n"
+
+
 def test_an_interrupted_study_names_its_exports_and_how_to_go_on(monkeypatch, params, tmp_path, capsys) -> None:
     runs = tmp_path / "runs"
     plan = study.seeds_plan(2, ["denoising"])

@@ -25,7 +25,8 @@ MAMO, denoising − frozen towers, MAMO − frozen towers, or any other one-sett
 difference), value of each data fraction that varies, and model (finetuned, zero-shot):
 the mean per-seed difference of R mean with its 95% t interval, the seeds, and the claim,
 made only with >= 3 seeds (``RECIPE_MIN_SEEDS``) and an interval that excludes 0; under it,
-the points short of seeds, a count of the diagnostic flags (their table opens the
+the points short of seeds and, given a study's plan (:class:`PlannedRun`, from ``DIR/plan.json``),
+the planned points not run yet, a count of the diagnostic flags (their table opens the
 Diagnostics section) and chance. Where ``pretrain.data_fraction`` ("pretraining fraction")
 or ``data.fraction`` ("whole-pipeline fraction") takes >= 2 values among otherwise equal
 methods, a data-scaling section per axis gives which images each stage saw, the missing
@@ -61,6 +62,7 @@ from dmp_core.report.build import build_report
 from dmp_core.report.figures import loss_columns
 from dmp_core.report.gallery import GalleryData, gallery_caption, load_gallery
 from dmp_core.report.runs import (
+    PlannedRun,
     Run,
     canonical_params,
     group_runs,
@@ -76,6 +78,7 @@ from dmp_core.report.verdict import BOOTSTRAP_SEED
 __all__ = [
     "BOOTSTRAP_SEED",
     "GalleryData",
+    "PlannedRun",
     "Run",
     "build_report",
     "canonical_params",

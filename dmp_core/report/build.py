@@ -9,7 +9,8 @@ import pandas as pd
 from dmp_core.io import write_text
 from dmp_core.report.figures import plot_ablations, plot_losses, plot_scaling
 from dmp_core.report.gallery import GalleryData, gallery_caption, plot_gallery
-from dmp_core.report.runs import SCALING_AXES, SCORER_NAMES, Run, group_runs, merge_duplicates
+from dmp_core.report.runs import (SCALING_AXES, SCORER_NAMES, PlannedRun, Run, group_runs, merge_duplicates,
+                                  missing_points)
 from dmp_core.report.scaling import axis_sets, fraction_table, partial_text, splits_text
 from dmp_core.report.tables import (
     DIAGNOSTIC_FLOORS,
@@ -32,7 +33,9 @@ from dmp_core.report.verdict import (
     claims_table,
     comparisons,
     comparisons_text,
+    plan_axes,
     rerank_gain_table,
+    short_of_seeds,
     statistics_table,
     varying_axes,
     verdict,
@@ -58,14 +61,17 @@ def build_report(
     bootstrap_samples: int = 2000,
     notes: Sequence[str] = (),
     sources: str = "the workspace, the HEAD commit and every DVC experiment",
+    planned: Sequence[PlannedRun] | None = None,
 ) -> Path:
     """Write ``<out_dir>/results.md`` and ``<out_dir>/figures/*.png``; return the markdown path.
 
     ``warnings`` go at the very top (stale workspace, see :func:`stale_warnings`);
     ``notes`` are lines on where the data came from; ``sources`` names the runs read, in
-    the first sentence. Every table or plot without data is replaced by a sentence saying
-    why. The markdown depends only on the arguments (no time, no path but those given):
-    the same runs give the same bytes.
+    the first sentence. ``planned``: the runs a study planned (``DIR/plan.json``), with canonical
+    params; those that no run is are named as missing points in the verdict and the data-scaling
+    sections (None: no plan, only the points short of seeds). Every table or plot without data is
+    replaced by a sentence saying why. The markdown depends only on the arguments (no time, no
+    path but those given): the same runs give the same bytes.
     """
     out_dir = Path(out_dir)
     figures = out_dir / "figures"
@@ -75,6 +81,7 @@ def build_report(
     comps = comparisons(groups, baseline, bootstrap_samples)
     tests = chance_tests(groups, bootstrap_samples)
     levels = chance_levels(runs)
+    not_run = missing_points(planned, groups, baseline) if planned is not None else None
 
     lines = ["# Results", ""]
     lines += [f"> **Warning:** {w}" for w in warnings]
@@ -106,7 +113,7 @@ def build_report(
     section("Verdict", claims_table(comps) if runs else pd.DataFrame(), "No runs, no verdict." if not runs else
             "No two methods differ in exactly one setting (other than a data fraction): no claims.")
     if runs:
-        lines.extend([verdict(groups, comps, tests, levels), ""])
+        lines.extend([verdict(groups, comps, tests, levels, not_run), ""])
         section("Does re-ranking pay?", rerank_gain_table(groups, varying_axes(groups)),
                 "No run has a re-ranking scorer.",
                 "The headline re-ranked R mean minus the same model's ITC-only R mean (the first stage it re-orders), "
@@ -182,7 +189,7 @@ def build_report(
     for axis, sets in scaling:
         name = SCALING_AXES[axis]
         lines.extend([f"## Data scaling: {name} (`{axis}`)", "", splits_text(sets, axis), "",
-                      partial_text(sets, axis), ""])
+                      partial_text(sets, axis, not_run), ""])
         plot = plot_scaling(sets, axis, figures / f"scaling_{axis.replace('.', '_')}.png")
         figure(f"R mean against the {name}", plot, "No data-scaling plot: no group has an R mean.")
         section(f"Per {name}", fraction_table(sets, axis), "No R mean at any fraction.",
@@ -193,8 +200,12 @@ def build_report(
                 scaling_policy(groups, axis) + " Steps and epochs are those each run trained "
                 "(reports/pretrain/metrics.json and reports/finetune/metrics.json).", level="###")
     if not scaling:
+        axes = plan_axes(groups, not_run or ())
+        planned_points = short_of_seeds([], axes, not_run or ()) if axes else []
         lines.extend(["## Data scaling", "", "No data-scaling results: no two finished methods differ only in "
-                      + " or ".join(f"`{axis}`" for axis in SCALING_AXES) + " (run `dmp study scaling`).", ""])
+                      + " or ".join(f"`{axis}`" for axis in SCALING_AXES) + " (run `dmp study scaling`)."
+                      + (" Planned by the study and not run yet: " + "; ".join(planned_points) + "."
+                         if planned_points else ""), ""])
 
     labels = {name: g.label for g in groups for r in g.runs for name in r.names}
     loss_plot = plot_losses(histories or {}, labels, figures / "pretrain_losses.png")

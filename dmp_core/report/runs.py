@@ -1,5 +1,6 @@
 """Runs as the report sees them: params canonicalised and labelled by their difference from the
-baseline, :class:`Run`, duplicates merged, seed groups (:class:`Group`), the stale-workspace warnings."""
+baseline, :class:`Run`, duplicates merged, seed groups (:class:`Group`), a study's planned runs
+that no run is (:func:`missing_points`), the stale-workspace warnings."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -373,6 +374,53 @@ def group_runs(runs: Sequence[Run], baseline: Mapping[str, Any]) -> list[Group]:
     for group in groups.values():
         group.runs.sort(key=lambda r: (r.seed if isinstance(r.seed, (int, float)) else 0, r.name))
     return sorted(groups.values(), key=lambda g: (len(g.diff), g.label))
+
+
+# ------------------------------------------------------------------ a study's plan
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run that a study planned (``DIR/plan.json``): its name and canonical params (the
+    report's params file with the run's overrides, :func:`resolve_params`)."""
+
+    name: str
+    params: dict[str, Any]
+
+    @property
+    def key(self) -> tuple:
+        """(method params, seed), as runs are matched (``dmp study`` skips a finished one by it)."""
+        return method_params(self.params), self.params.get("seed")
+
+
+@dataclass
+class Missing:
+    """A point of a plan (one method) with planned seeds that no run of the report has: the
+    report's group of those method params, or an empty group (no run yet) labelled like one."""
+
+    group: Group
+    seeds: list
+
+
+def missing_points(planned: Sequence[PlannedRun], groups: Sequence[Group],
+                   baseline: Mapping[str, Any]) -> list[Missing]:
+    """The planned runs that no run of ``groups`` is (same method params and seed), by point,
+    in the order of the plan's first run of each point."""
+    by_key = {method_params(g.params): g for g in groups}
+    done = {(key, seed) for key, g in by_key.items() for seed in g.seeds}
+    out: dict[tuple, Missing] = {}
+    for run in planned:
+        key, seed = run.key
+        if (key, seed) in done:
+            continue
+        if key not in out:
+            group = by_key.get(key)
+            if group is None:
+                params = {k: v for k, v in run.params.items() if k != "seed"}
+                diff = param_diff(params, baseline)
+                group = Group(label_for(params, diff), diff, params, [])
+            out[key] = Missing(group, [])
+        if seed not in out[key].seeds:
+            out[key].seeds.append(seed)
+    return list(out.values())
 
 
 def stale_warnings(workspace_params: Optional[Mapping[str, Any]], baseline: Mapping[str, Any], baseline_source: str,

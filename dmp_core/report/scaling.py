@@ -2,8 +2,8 @@
 (``pretrain.data_fraction``: pretraining sees a nested share of the training images;
 ``data.fraction``: the whole pipeline does): the R mean of every method at every value,
 the paired per-seed differences between the methods with their t intervals and claims
-(:func:`~dmp_core.report.verdict.paired_claim`), the points short of seeds, and which images
-each stage saw."""
+(:func:`~dmp_core.report.verdict.paired_claim`), the points short of seeds or planned and not
+run yet, and which images each stage saw."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from dmp_core.report.runs import MODELS, SCALING_AXES, SCORER_NAMES, Group, Run
+from dmp_core.report.runs import MODELS, SCALING_AXES, SCORER_NAMES, Group, Missing, Run, method_params
 from dmp_core.report.tables import MODEL_NAMES, _mean_std, _split_text, scaling_sets
 from dmp_core.report.verdict import RECIPE_MIN_SEEDS, VARIANT_NAMES, VARIANT_ORDER, paired_claim, short_of_seeds
 
@@ -72,14 +72,29 @@ def fraction_table(sets: Sequence[tuple[str, list[Group]]], axis: str) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def partial_text(sets: Sequence[tuple[str, list[Group]]], axis: str) -> str:
-    """``Partial: ...`` naming every point (method x value) short of seeds, or ``Complete: ...``."""
-    short = [item for _, members in sets for item in short_of_seeds(_in_order(members, axis), [axis])]
+def partial_text(sets: Sequence[tuple[str, list[Group]]], axis: str,
+                 missing: Optional[Sequence[Missing]] = None) -> str:
+    """``Partial: ...`` naming every point (method x value) short of seeds and every point of the
+    study's plan not run yet (``missing``: None without a plan), or ``Complete: ...``."""
+    pending = [(members, in_set(members, axis, missing or ())) for _, members in sets]
+    short = [item for members, planned in pending for item in short_of_seeds(_in_order(members, axis), [axis], planned)]
     if short:
+        planned = ", or runs the study planned that have not run yet" if any(p for _, p in pending) else ""
         return (f"Partial study: these points have fewer seeds than a claim needs (>= {RECIPE_MIN_SEEDS}) or than "
-                f"the other points: " + "; ".join(short) + ".")
+                f"the other points{planned}: " + "; ".join(short) + ".")
     seeds = sorted({s for _, members in sets for g in members for s in g.seeds})
-    return f"Complete: every point has the seeds {', '.join(map(str, seeds))}."
+    planned = " every run the study planned at these settings has finished and" if missing is not None else ""
+    return f"Complete:{planned} every point has the seeds {', '.join(map(str, seeds))}."
+
+
+def in_set(members: Sequence[Group], axis: str, missing: Sequence[Missing]) -> list[Missing]:
+    """The planned points not run that belong to a scaling set (``members``): one of its groups,
+    or a method that differs from them only in the variant and ``axis``."""
+    def key(group: Group) -> tuple:
+        return tuple(item for item in method_params(group.params) if item[0] not in ("objective.variant", axis))
+
+    keys = {key(g) for g in members}
+    return [m for m in missing if any(m.group is g for g in members) or (not m.group.runs and key(m.group) in keys)]
 
 
 def _in_order(members: Sequence[Group], axis: str) -> list[Group]:

@@ -15,6 +15,7 @@ from dmp_core.report.runs import (
     SCALING_AXES,
     SCORER_NAMES,
     Group,
+    Missing,
     Run,
     _fmt_value,
     _ignored,
@@ -317,19 +318,33 @@ def point_name(group: Group, axes: Sequence[str] = ()) -> str:
     return name + (f" ({rest})" if rest else "") + (f" at {where}" if where else "")
 
 
-def short_of_seeds(groups: Sequence[Group], axes: Sequence[str] = ()) -> list[str]:
+def short_of_seeds(groups: Sequence[Group], axes: Sequence[str] = (), missing: Sequence[Missing] = ()) -> list[str]:
     """The points of a study that cannot carry a claim: groups with fewer than RECIPE_MIN_SEEDS
-    seeds, or without a seed that another of ``groups`` ran (``denoising at pretraining
-    fraction 0.5: 2 seeds (0, 1; missing 2)``)."""
+    seeds, or without a seed that another of ``groups`` ran or that the study's plan has
+    (``missing``: :func:`~dmp_core.report.runs.missing_points`) (``denoising at pretraining
+    fraction 0.5: 2 seeds (0, 1; missing 2)``), and the planned points that have no run at all
+    (``MAMO at pretraining fraction 0.25: seeds 0, 1, 2 not run``)."""
     expected = sorted({s for g in groups for s in g.seeds}, key=_seed_key)
+    planned = {id(m.group): m.seeds for m in missing}
+    points = list(groups) + [m.group for m in missing if not any(m.group is g for g in groups)]
     out = []
-    for group in sorted(groups, key=lambda g: (_variant_rank(g), str(g.variant), *(g.axis(a) for a in axes), g.label)):
+    for group in sorted(points, key=lambda g: (_variant_rank(g), str(g.variant), *(g.axis(a) for a in axes), g.label)):
         have = sorted(set(group.seeds), key=_seed_key)
-        missing = [s for s in expected if s not in have]
-        if missing or len(have) < RECIPE_MIN_SEEDS:
-            listed = ", ".join(map(str, have)) + (f"; missing {', '.join(map(str, missing))}" if missing else "")
+        if not have:
+            seeds = sorted(set(planned.get(id(group), [])), key=_seed_key)
+            out.append(f"{point_name(group, axes)}: seed{'s' if len(seeds) != 1 else ''} "
+                       f"{', '.join(map(str, seeds))} not run")
+            continue
+        missed = sorted({s for s in [*expected, *planned.get(id(group), [])] if s not in have}, key=_seed_key)
+        if missed or len(have) < RECIPE_MIN_SEEDS:
+            listed = ", ".join(map(str, have)) + (f"; missing {', '.join(map(str, missed))}" if missed else "")
             out.append(f"{point_name(group, axes)}: {_n_seeds(len(have))} ({listed})")
     return out
+
+
+def plan_axes(groups: Sequence[Group], missing: Sequence[Missing] = ()) -> list[str]:
+    """The scaling axes on which ``groups`` and the planned points not run take more than one value."""
+    return varying_axes([*groups, *(m.group for m in missing)])
 
 
 def _claimed(comps: Sequence[Comparison]) -> list[Comparison]:
@@ -420,9 +435,10 @@ def _flag_summary(groups: Sequence[Group]) -> str:
 
 
 def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequence[ChanceTest],
-            levels: Sequence[Mapping[str, Any]]) -> str:
-    """The lines under the claims table: what a claim needs, the points short of seeds, how many
-    models the diagnostics flag, and chance."""
+            levels: Sequence[Mapping[str, Any]], missing: Optional[Sequence[Missing]] = None) -> str:
+    """The lines under the claims table: what a claim needs, the points short of seeds and those
+    the study's plan has not run (``missing``: None without a plan), or that the planned study is
+    complete, how many models the diagnostics flag, and chance."""
     chosen = _claimed(comps)
     sentences = []
     if chosen:
@@ -431,13 +447,18 @@ def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequenc
                          f"seeds both ran of the per-seed differences (paired by seed) with its 95% Student t "
                          f"interval; a claim needs >= {RECIPE_MIN_SEEDS} seeds and an interval that excludes 0. "
                          f"Bootstrap intervals of one checkpoint pair and the comparisons in words: Statistics.")
-        involved = [g for g in groups if any(g is c.a or g is c.b for c in chosen)]
-        short = short_of_seeds(involved, _varying_axes(chosen))
-        if short:
-            sentences.append(f"Partial (a claim needs >= {RECIPE_MIN_SEEDS} seeds of each point): "
-                             + "; ".join(short) + ".")
     else:
         sentences.append("No claims: no two methods differ in exactly one setting other than a data fraction.")
+    involved = [g for g in groups if any(g is c.a or g is c.b for c in chosen)]
+    pending = list(missing or ())
+    short = short_of_seeds(involved, plan_axes(involved, pending), pending)
+    if short:
+        why = ", and the study's plan has runs not run yet" if pending else ""
+        sentences.append(f"Partial (a claim needs >= {RECIPE_MIN_SEEDS} seeds of each point{why}): "
+                         + "; ".join(short) + ".")
+    elif missing is not None and chosen:
+        sentences.append(f"Complete: every run the study planned has finished and every point has >= "
+                         f"{RECIPE_MIN_SEEDS} seeds.")
     sentences.append(_flag_summary(groups))
     for level in levels:
         sentences.append(f"Chance R mean on {_split_text(level['split'])} is {level['chance']['r_mean']:.2f}.")
