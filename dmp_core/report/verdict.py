@@ -447,8 +447,6 @@ def verdict(groups: Sequence[Group], comps: Sequence[Comparison], tests: Sequenc
                          f"seeds both ran of the per-seed differences (paired by seed) with its 95% Student t "
                          f"interval; a claim needs >= {RECIPE_MIN_SEEDS} seeds and an interval that excludes 0. "
                          f"Bootstrap intervals of one checkpoint pair and the comparisons in words: Statistics.")
-    else:
-        sentences.append("No claims: no two methods differ in exactly one setting other than a data fraction.")
     involved = [g for g in groups if any(g is c.a or g is c.b for c in chosen)]
     pending = list(missing or ())
     short = short_of_seeds(involved, plan_axes(involved, pending), pending)
