@@ -25,7 +25,7 @@ from typing import Optional
 
 from dmp_core.errors import DmpError
 from dmp_core.io import write_bytes, write_text
-from orchestration.runs import experiment_refs, experiment_rows, git_bytes, git_reader
+from orchestration.runs import EXPORTED_RUN_FILES, experiment_refs, experiment_rows, git_bytes, git_reader
 
 EXPORTED = (
     "params.yaml",
@@ -36,8 +36,6 @@ EXPORTED = (
 )
 DVC_TRACKED = ("reports/preprocess/summary.json",)  # exported from the DVC cache
 SOURCE = "source.json"  # provenance of a run exported by export_experiment: commit shas only
-# the files that make an exported folder a finished run
-FINISHED_FILES = ("params.yaml", "reports/evaluate/metrics.json")
 
 
 def _copy(out: Path, name: str, rev: str, cwd: Path | None) -> int:
@@ -100,7 +98,7 @@ def export_experiment(out: Path, name: str, rev: Optional[str] = None, *, baseli
     rev = rev or experiment_commit(name, baseline, cwd)
     commit = _git_line("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", cwd=cwd) if rev else None
     read = git_reader(commit, cwd) if commit else None
-    if read is None or read(FINISHED_FILES[1]) is None:
+    if read is None or read(EXPORTED_RUN_FILES[1]) is None:
         return None
     for path in EXPORTED:  # the folder holds exactly this commit's files (another run of the name may be there)
         data = read(path)
@@ -140,7 +138,7 @@ class FinishedRun:
 
 
 def finished_runs(out: Path) -> list[FinishedRun]:
-    """Every folder of ``out`` with :data:`FINISHED_FILES`, its params resolved as the report does
+    """Every folder of ``out`` with :data:`EXPORTED_RUN_FILES`, its params resolved as the report does
     (schema defaults fill absent keys: a run made before a key existed has its default)."""
     import yaml
 
@@ -148,7 +146,7 @@ def finished_runs(out: Path) -> list[FinishedRun]:
 
     runs = []
     for folder in sorted(p for p in out.glob("*") if p.is_dir()) if out.is_dir() else []:
-        if not all((folder / f).is_file() for f in FINISHED_FILES):
+        if not all((folder / f).is_file() for f in EXPORTED_RUN_FILES):
             continue
         try:
             raw = yaml.safe_load((folder / "params.yaml").read_text())
