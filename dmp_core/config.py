@@ -26,6 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dmp_core.errors import DmpError
 
 
+def nested_count(n: int, fraction: float) -> int:
+    """How many of ``n`` items a nested share keeps (``data.fraction``, ``pretrain.data_fraction``):
+    all at 1, else ceil(fraction * n) and at least one (none of none). The one count that the
+    subset itself (:func:`dmp_core.data.preprocess.fraction_subset`), the schema check, the
+    study's plan and the report use."""
+    return n if fraction >= 1.0 or n == 0 else max(1, math.ceil(fraction * n))
+
+
 class ParamsError(DmpError, ValueError):
     """A bad value in params.yaml; the message is one line naming the dotted key."""
 
@@ -443,11 +451,11 @@ class Config(_Section):
             raise ValueError("pretrain.neighbour_batches groups neighbours among all training images; it needs "
                              f"pretrain.data_fraction=1 (got {self.pretrain.data_fraction:g})")
         if self.data.name == "synthetic":
-            n_train = math.ceil(self.data.synthetic.n_train * self.data.fraction)
+            n_train = nested_count(self.data.synthetic.n_train, self.data.fraction)
             for stage in ("pretrain", "finetune"):
                 train = getattr(self, stage)
                 share = self.pretrain.data_fraction if stage == "pretrain" else 1.0
-                images = max(1, math.ceil(n_train * share))
+                images = nested_count(n_train, share)
                 pairs = images * (1 if train.captions == "one_per_image" else self.data.synthetic.captions_per_image)
                 if pairs < train.batch_size:
                     raise ValueError(f"{stage}.batch_size={train.batch_size} exceeds the {pairs} synthetic training "

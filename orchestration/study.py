@@ -32,7 +32,6 @@ full set; the experiment names say which (``-ep<E>``).
 """
 from __future__ import annotations
 
-import math
 import re
 import shlex
 import shutil
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from dmp_core.config import Config, ParamsError, load_config
+from dmp_core.config import Config, ParamsError, load_config, nested_count
 from dmp_core.errors import DmpError
 from orchestration.cluster import ClusterSettings, is_sqlite, run_remote
 from orchestration.export import FinishedRun, export_experiment, finished_runs, head_sha
@@ -143,7 +142,7 @@ def training_images(cfg: Config) -> Optional[int]:
     """Training images at ``cfg.data.fraction`` (synthetic: from the params; else None)."""
     if cfg.data.name != "synthetic":
         return None
-    return math.ceil(cfg.data.synthetic.n_train * cfg.data.fraction)
+    return nested_count(cfg.data.synthetic.n_train, cfg.data.fraction)
 
 
 def budget_lines(budget: Budget, configs: Sequence[Config], *, axis: Axis = "pretrain") -> list[str]:
@@ -177,8 +176,7 @@ def budget_lines(budget: Budget, configs: Sequence[Config], *, axis: Axis = "pre
                 sees = f" on {share:g} of them" if share < 1 else ""
                 parts.append(f"{stage} " + (f"{train.steps} steps" if train.steps else f"{train.epochs} epochs") + sees)
                 continue
-            # the pretraining subset: ceil(share x images), as the pretrain stage and the schema check count it
-            seen_images = max(1, math.ceil(images * share))
+            seen_images = nested_count(images, share)  # the pretraining subset, as the pretrain stage counts it
             pairs = seen_images * (cfg.data.synthetic.captions_per_image if train.captions == "all" else 1)
             per_epoch = pairs // train.batch_size  # the loop drops the last partial batch
             steps = train.steps if train.steps is not None else train.epochs * per_epoch

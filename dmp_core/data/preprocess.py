@@ -29,7 +29,6 @@ images and a malformed JSON file are errors in both modes.
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
+from dmp_core.config import nested_count
 from dmp_core.data.karpathy import SPLITS, KarpathyImage, dataset_json, image_path, read_karpathy
 from dmp_core.data.text import TokenizerInfo, cleaner_from_config, load_tokenizer, tokenize
 from dmp_core.errors import DataError
@@ -122,8 +122,7 @@ def fraction_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     if fraction >= 1.0:
         return np.arange(n)
     perm = np.random.default_rng(np.random.SeedSequence([seed, FRACTION_SEED_KEY])).permutation(n)
-    keep = max(1, math.ceil(fraction * n)) if n else 0
-    return np.sort(perm[:keep])
+    return np.sort(perm[:nested_count(n, fraction)])
 
 
 @dataclass

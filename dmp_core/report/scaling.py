@@ -6,12 +6,12 @@ the paired per-seed differences between the methods with their t intervals and c
 run yet, and which images each stage saw."""
 from __future__ import annotations
 
-import math
 from itertools import combinations
 from typing import Optional, Sequence
 
 import pandas as pd
 
+from dmp_core.config import nested_count
 from dmp_core.report.runs import MODELS, SCALING_AXES, SCORER_NAMES, Group, Missing, Run, method_params
 from dmp_core.report.tables import MODEL_NAMES, _mean_std, _split_text, scaling_sets
 from dmp_core.report.verdict import RECIPE_MIN_SEEDS, VARIANT_NAMES, VARIANT_ORDER, paired_claim, short_of_seeds
@@ -103,8 +103,8 @@ def _in_order(members: Sequence[Group], axis: str) -> list[Group]:
 
 # ------------------------------------------------------------------ which images each stage saw
 def _share(n: int, fraction: float) -> int:
-    """Images in a nested share of ``n`` (dmp_core.data.preprocess.fraction_subset: ceil, at least 1)."""
-    return n if fraction >= 1.0 else max(1, math.ceil(fraction * n))
+    """Images in a nested share of ``n`` (the count of dmp_core.data.preprocess.fraction_subset)."""
+    return nested_count(n, fraction)
 
 
 def training_images(run: Run, stage: str) -> Optional[int]:
