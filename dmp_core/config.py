@@ -362,6 +362,9 @@ class EvalParams(_Section):
     # the val split every rerank_fit_every steps; 0 steps scores the head as trained
     rerank_fit_steps: int = Field(600, ge=0)
     rerank_fit_images: int = Field(2000, ge=1)
+    # caption queries of that bank: the first so many captions of each image (every caption
+    # stays a candidate of the image queries, so the negatives are as hard); null = all
+    rerank_fit_captions: Optional[int] = Field(None, ge=1)
     rerank_fit_lr: float = Field(1e-3, gt=0.0)
     rerank_fit_batch: int = Field(256, ge=1)
     rerank_fit_every: int = Field(50, ge=1)

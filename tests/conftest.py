@@ -13,11 +13,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
+# `make test` runs the suite in two pytest-xdist workers (one file per worker at a time):
+# each worker, and every stage process it spawns, gets its share of the cores
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+# DVC binds its console logger to the sys.stdout of the moment it is first imported: here,
+# the session's stream, not the capture of whichever test imports it first (a capsys
+# stream is closed after its test, and DVC's next log line would fail on it)
+import dvc  # noqa: E402,F401
 import torch  # noqa: E402
 
 from dmp_core.config import Config, config_from_dict  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 TINY = {
     "seed": 0,

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dmp_core.evaluation.rerank_fit import PairBank, bank_candidates, Corrector, fit_groups, fit_rerank_head
+from dmp_core.evaluation.rerank_fit import (PairBank, bank_candidates, Corrector, first_captions, fit_groups,
+                                            fit_rerank_head)
 from dmp_core.evaluation.retrieval import candidate_pairs, img2txt_from_txt2img, retrieval_metrics, scorer_matrices
 
 TAU = 0.05
@@ -137,3 +138,44 @@ def test_no_gold_in_any_top_k_takes_no_step_and_keeps_itc_order() -> None:
     assert (fit["steps"], fit["chosen_step"], fit["train_queries"], fit["train_loss"]) == (0, 0, 0, {})
     assert list(fit["val_r_mean"]) == [0]
     assert torch.count_nonzero(Corrector(model)(val.states, val.margins)) == 0
+
+
+def test_first_captions_match_a_loop_reference() -> None:
+    """Shuffled caption order: an image's first captions are its first ones in split order."""
+    gen = np.random.default_rng(0)
+    txt2img = gen.permutation(np.repeat(np.arange(7), [1, 3, 5, 2, 5, 4, 1]))
+    for per_image in (1, 2, 5):
+        seen: dict[int, int] = {}
+        expected = []
+        for text, image in enumerate(txt2img):
+            if seen.get(int(image), 0) < per_image:
+                expected.append(text)
+            seen[int(image)] = seen.get(int(image), 0) + 1
+        assert first_captions(txt2img, per_image).tolist() == expected
+
+
+def test_a_caption_query_subset_keeps_the_gallery_and_the_image_queries() -> None:
+    """With ``text_queries`` the image queries and the chosen caption queries keep their
+    top-k among the whole split, and the refit's groups are the full bank's rows of those
+    queries: the same candidate pairs, gold and allowed flags."""
+    full = _bank(3, n_images=12, per_image=3, k=5, same_text=(4, 9))
+    queries = first_captions(full.txt2img, 1)
+    sub = candidate_pairs(full.sim_i2t, 5, text_queries=queries)
+    assert torch.equal(sub.i2t_top, full.pairs.i2t_top)
+    assert torch.equal(sub.t2i_top, full.pairs.t2i_top[queries])
+    with pytest.raises(ValueError, match="subset of the caption queries"):
+        sub.candidates(full.sim_i2t, np.zeros(len(sub.unique)), np.zeros(len(sub.unique)))
+
+    def rows(bank: PairBank) -> dict[tuple, tuple]:
+        g, unique = fit_groups(bank), bank.pairs.unique.numpy()
+        return {tuple(unique[p].tolist()): (tuple(gd.tolist()), tuple(al.tolist()))
+                for p, gd, al in zip(g.pair.numpy(), g.gold.numpy(), g.allowed.numpy())}
+
+    n_texts = full.sim_i2t.shape[1]
+    sub_bank = PairBank(pairs=sub, sim_i2t=full.sim_i2t, txt2img=full.txt2img, input_ids=full.input_ids,
+                        states=torch.zeros(len(sub.unique), 8), margins=torch.zeros(len(sub.unique)))
+    kept = set(queries.tolist())
+    # a t2i group's pairs share the query caption; an i2t group's pairs share the image
+    expected = {key: v for key, v in rows(full).items()
+                if len({p // n_texts for p in key}) == 1 or (key[0] % n_texts) in kept}
+    assert rows(sub_bank) == expected and len(expected) < len(rows(full))

@@ -110,7 +110,8 @@ def tune_rerank(model: torch.nn.Module, cfg: Config, val: RetrievalSplit, train:
     fit: dict[str, Any] = {"steps": 0}
     if ev.rerank_fit_steps:
         fit_split = train.subset(min(ev.rerank_fit_images, train.n_images))
-        fit = fit_rerank_head(model, pair_bank(model, fit_split, ev.k_test, **sizes), val_bank,
+        fit_bank = pair_bank(model, fit_split, ev.k_test, captions_per_image=ev.rerank_fit_captions, **sizes)
+        fit = fit_rerank_head(model, fit_bank, val_bank,
                               steps=ev.rerank_fit_steps, lr=ev.rerank_fit_lr, batch=ev.rerank_fit_batch,
                               every=ev.rerank_fit_every, tau=tau, ks=ev.rerank_k_choices,
                               itc_weights=ev.rerank_itc_weights, seed=cfg.seed)

@@ -8,9 +8,9 @@ re-ranker on the retriever's own top list for this reason. This module does that
 last step of training the re-ranker, with everything else frozen:
 
 1. ``train``: the first ``eval.rerank_fit_images`` (2,000) images of the training split.
-   Every image and caption query's ITC top-k among them (k = ``eval.k_test``) is fused
-   once, and the pair states (:meth:`DMPModel.pair_state`) and ITM margins are kept
-   (:class:`PairBank`).
+   Every image query's and the first ``eval.rerank_fit_captions`` caption queries' of each
+   image ITC top-k among them (k = ``eval.k_test``) is fused once, and the pair states
+   (:meth:`DMPModel.pair_state`) and ITM margins are kept (:class:`PairBank`).
 2. The head (``rank_head`` and the weight on the margin) is fitted by cross-entropy over
    each query's k candidates with the residual score ``s / tau + r``: the target is the set of gold candidates (queries without one
    give no signal and are left out), and a candidate of another image that carries a
@@ -52,15 +52,28 @@ class PairBank:
     margins: torch.Tensor  # [pairs] float32
 
 
+def first_captions(txt2img: np.ndarray, per_image: int) -> np.ndarray:
+    """The ids of the first ``per_image`` captions of every image (in split order), sorted."""
+    txt2img = np.asarray(txt2img, dtype=np.int64)
+    order = np.argsort(txt2img, kind="stable")  # captions grouped by image, split order inside
+    starts = np.searchsorted(txt2img[order], txt2img[order], side="left")
+    position = np.empty_like(txt2img)
+    position[order] = np.arange(len(order)) - starts  # 0 for an image's first caption, 1 ...
+    return np.flatnonzero(position < per_image)
+
+
 def pair_bank(model: nn.Module, data: RetrievalSplit, k: int, *, batch_size: int, itm_batch_size: int,
-              chunk_size: int, device: torch.device | str) -> PairBank:
-    """Encode ``data``, take every query's ITC top-``k`` and fuse each distinct pair once."""
+              chunk_size: int, device: torch.device | str, captions_per_image: Optional[int] = None) -> PairBank:
+    """Encode ``data``, take every query's ITC top-``k`` among the whole split and fuse each
+    distinct pair once. ``captions_per_image``: only the first so many captions of each image
+    are caption queries (every caption stays a candidate of the image queries); None: all."""
     was_training = model.training
     model.eval()
     try:
         enc = encode_split(model, data, batch_size, device)
         sim = itc_similarity(enc, chunk_size)
-        pairs = candidate_pairs(sim, k, chunk_size)
+        queries = None if captions_per_image is None else first_captions(data.txt2img, captions_per_image)
+        pairs = candidate_pairs(sim, k, chunk_size, text_queries=queries)
         n_texts = sim.shape[1]
         states, margins = pair_states(model, enc, pairs.unique // n_texts, pairs.unique % n_texts, itm_batch_size)
     finally:
@@ -131,7 +144,7 @@ def fit_groups(bank: PairBank) -> FitGroups:
     rows = np.arange(n_images)[:, None]
     i2t_gold = txt2img[i2t_top] == rows
     i2t_allowed = i2t_gold | ~shows_caption(np.broadcast_to(rows, i2t_top.shape), i2t_top)
-    texts = np.arange(n_texts)[:, None]
+    texts = (np.arange(n_texts) if pairs.t2i_texts is None else pairs.t2i_texts.numpy())[:, None]  # caption queries
     t2i_gold = t2i_top == txt2img[texts]
     t2i_allowed = t2i_gold | ~shows_caption(t2i_top, np.broadcast_to(texts, t2i_top.shape))
     n = i2t_top.size

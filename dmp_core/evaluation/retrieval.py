@@ -300,12 +300,15 @@ class CandidatePairs:
 
     k: int
     i2t_top: torch.Tensor  # [images, k_i2t] text ids, best first
-    t2i_top: torch.Tensor  # [texts, k_t2i] image ids
+    t2i_top: torch.Tensor  # [caption queries, k_t2i] image ids
     unique: torch.Tensor
     inverse: torch.Tensor
+    t2i_texts: Optional[torch.Tensor] = None  # the caption queries of t2i_top's rows (None: every caption)
 
     def candidates(self, sim_i2t: np.ndarray, margins: np.ndarray, residuals: np.ndarray) -> "Candidates":
-        """:class:`Candidates` from per-unique-pair margins and corrections."""
+        """:class:`Candidates` from per-unique-pair margins and corrections (every caption a query)."""
+        if self.t2i_texts is not None:
+            raise ValueError("candidates: these pairs have a subset of the caption queries; scoring needs all")
         n_images, n_texts = sim_i2t.shape
         n = self.i2t_top.numel()
         margins, residuals = margins[self.inverse.numpy()], residuals[self.inverse.numpy()]
@@ -318,18 +321,23 @@ class CandidatePairs:
                           i2t_itc_rank=_dense_rank_desc(sim_i2t), t2i_itc_rank=_dense_rank_desc(sim_i2t.T))
 
 
-def candidate_pairs(sim_i2t: np.ndarray, k: int, chunk_size: int = 1024) -> CandidatePairs:
-    """The ITC top-``k`` of every image and caption query (k clipped to the split), a pair
-    that is a candidate in both directions listed once; ``chunk_size`` queries at a time."""
+def candidate_pairs(sim_i2t: np.ndarray, k: int, chunk_size: int = 1024,
+                    text_queries: Optional[np.ndarray] = None) -> CandidatePairs:
+    """The ITC top-``k`` of every image query and of every caption query (``text_queries``:
+    only these captions; None: all), among the whole split (k clipped to it), a pair that is
+    a candidate in both directions listed once; ``chunk_size`` queries at a time."""
     n_images, n_texts = sim_i2t.shape
     sim = torch.from_numpy(sim_i2t)
     k_i2t, k_t2i = min(k, n_texts), min(k, n_images)  # clipped to the split
+    texts = torch.arange(n_texts) if text_queries is None else torch.as_tensor(text_queries, dtype=torch.int64)
     i2t_top = torch.cat([sim[s : s + chunk_size].topk(k_i2t, dim=1).indices for s in range(0, n_images, chunk_size)])
-    t2i_top = torch.cat([sim[:, s : s + chunk_size].T.topk(k_t2i, dim=1).indices for s in range(0, n_texts, chunk_size)])
+    t2i_top = torch.cat([sim[:, texts[s : s + chunk_size]].T.topk(k_t2i, dim=1).indices
+                         for s in range(0, len(texts), chunk_size)] or [torch.zeros(0, k_t2i, dtype=torch.int64)])
     i2t_pairs = torch.arange(n_images).repeat_interleave(k_i2t) * n_texts + i2t_top.reshape(-1)
-    t2i_pairs = t2i_top.reshape(-1) * n_texts + torch.arange(n_texts).repeat_interleave(k_t2i)
+    t2i_pairs = t2i_top.reshape(-1) * n_texts + texts.repeat_interleave(k_t2i)
     unique, inverse = torch.unique(torch.cat([i2t_pairs, t2i_pairs]), return_inverse=True)
-    return CandidatePairs(k=k, i2t_top=i2t_top, t2i_top=t2i_top, unique=unique, inverse=inverse)
+    return CandidatePairs(k=k, i2t_top=i2t_top, t2i_top=t2i_top, unique=unique, inverse=inverse,
+                          t2i_texts=None if text_queries is None else texts)
 
 
 def scorer_matrices(cands: Candidates, sim_i2t: np.ndarray, scorer: str, *, k: Optional[int] = None,
