@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dmp_core.evaluation.retrieval import (CandidatePairs, Candidates, RetrievalSplit, candidate_pairs, choose_rerank,
-                                           encode_split, itc_similarity, pair_states)
+                                           encode_split, img2txt_from_txt2img, itc_similarity, pair_states)
 
 
 @dataclass
@@ -54,12 +54,8 @@ class PairBank:
 
 def first_captions(txt2img: np.ndarray, per_image: int) -> np.ndarray:
     """The ids of the first ``per_image`` captions of every image (in split order), sorted."""
-    txt2img = np.asarray(txt2img, dtype=np.int64)
-    order = np.argsort(txt2img, kind="stable")  # captions grouped by image, split order inside
-    starts = np.searchsorted(txt2img[order], txt2img[order], side="left")
-    position = np.empty_like(txt2img)
-    position[order] = np.arange(len(order)) - starts  # 0 for an image's first caption, 1 ...
-    return np.flatnonzero(position < per_image)
+    img2txt = img2txt_from_txt2img(txt2img, int(np.max(txt2img, initial=-1)) + 1)  # each image's, in split order
+    return np.array(sorted(t for texts in img2txt for t in texts[:per_image]), dtype=np.int64)
 
 
 def pair_bank(model: nn.Module, data: RetrievalSplit, k: int, *, batch_size: int, itm_batch_size: int,

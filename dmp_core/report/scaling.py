@@ -102,11 +102,6 @@ def _in_order(members: Sequence[Group], axis: str) -> list[Group]:
 
 
 # ------------------------------------------------------------------ which images each stage saw
-def _share(n: int, fraction: float) -> int:
-    """Images in a nested share of ``n`` (the count of dmp_core.data.preprocess.fraction_subset)."""
-    return nested_count(n, fraction)
-
-
 def training_images(run: Run, stage: str) -> Optional[int]:
     """The training images ``stage`` saw: the training split's size that preprocessing recorded
     (reports/preprocess/summary.json, after data.fraction) or, on synthetic data without it, the
@@ -116,8 +111,8 @@ def training_images(run: Run, stage: str) -> Optional[int]:
     if images is None:
         if run.params.get("data.name") != "synthetic" or not isinstance(run.params.get("data.synthetic.n_train"), int):
             return None
-        images = _share(run.params["data.synthetic.n_train"], float(run.params.get("data.fraction") or 1.0))
-    return _share(images, float(run.params.get("pretrain.data_fraction") or 1.0)) if stage == "pretrain" else images
+        images = nested_count(run.params["data.synthetic.n_train"], float(run.params.get("data.fraction") or 1.0))
+    return nested_count(images, float(run.params.get("pretrain.data_fraction") or 1.0)) if stage == "pretrain" else images
 
 
 def _images_cell(runs: Sequence[Run], stage: str) -> str:
