@@ -368,6 +368,12 @@ class EvalParams(_Section):
     rerank_fit_lr: float = Field(1e-3, gt=0.0)
     rerank_fit_batch: int = Field(256, ge=1)
     rerank_fit_every: int = Field(50, ge=1)
+    # keep the re-ranker only where the val split shows it beats ITC: the paired cluster
+    # bootstrap interval (at this two-sided level) of its val R mean minus ITC's must lie
+    # above 0, else the head is reset to zero and the re-ranked order is ITC's exactly
+    # (a second stage is not adopted on a val gain within its noise); null: no gate, any
+    # val gain keeps the chosen head
+    rerank_gate: Optional[float] = Field(None, gt=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1)
     itm_batch_size: int = Field(256, ge=1)
     # rows of the similarity matrix handled at once (bounds memory on COCO's 5k x 25k)

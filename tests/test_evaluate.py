@@ -266,6 +266,30 @@ def _assert_clusters_are_the_binding_groups(clusters: np.ndarray, images_json: P
     assert sorted(set(clusters.tolist())) == list(range(len(set(clusters.tolist()))))  # 0..C-1
 
 
+def test_the_val_gate_decides_from_its_interval_and_a_reset_gives_itc_ranks(tiny_data, split, tmp_path) -> None:
+    """``eval.rerank_gate`` on the real evaluate path: the model records its val gain over
+    ITC with the bootstrap interval, and the re-ranker is kept exactly when the interval
+    lies above 0. A random model's head (scored as it is: ``eval.rerank_fit_steps`` 0)
+    re-orders val's top-k without knowing anything (on this seed it gains +1.6 on val by
+    chance, inside [-2.1, +5.2]): it is reset to zero, and the test ranks of the re-ranker
+    are ITC's, query for query."""
+    cfg = tiny_config(eval__k_test=8, eval__rerank_gate=0.9, eval__rerank_fit_steps=0)
+    models = {"finetune": _save_weights(_model(5, tiny_data["prepared"]), tmp_path / "models/finetune/model.safetensors")}
+    details = run_evaluate(cfg, tiny_data["prepared"], models, tmp_path / "reports", device="cpu", log_mlflow=False)
+    entry = details["models"]["finetune"]
+    gate, diag = entry["rerank_choice"]["gate"], entry["diagnostics"]
+    assert gate["level"] == 0.9 and gate["lo"] <= gate["diff"] <= gate["hi"]
+    assert gate["kept"] == (gate["lo"] > 0) == bool(diag["rerank_kept"])
+    assert (diag["rerank_val_gain"], diag["rerank_val_gain_lo"], diag["rerank_val_gain_hi"]) == (
+        gate["diff"], gate["lo"], gate["hi"])
+    assert gate["diff"] != 0 and gate["hi"] > gate["lo"]  # the random head did re-order val's top-k
+    assert not gate["kept"]  # ... knowing nothing: reset
+    ranks = np.load(tmp_path / "reports/evaluate/ranks.npz")
+    for direction in ("tr", "ir"):
+        np.testing.assert_array_equal(ranks[f"finetune_rerank_{direction}"], ranks[f"finetune_itc_{direction}"])
+    assert entry["rerank"] == entry["itc"]
+
+
 def test_run_evaluate_stops_on_a_bad_group_before_scoring(tiny_data, tmp_path) -> None:
     import shutil
 

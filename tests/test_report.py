@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from dmp_core.config import apply_dotted, config_from_dict
-from dmp_core.report.tables import _md, flags_table
+from dmp_core.report.tables import _md, diagnostics_table, flags_table
 from dmp_core.report.verdict import claims_table, comparisons
 from dmp_core.report import (
     BOOTSTRAP_SEED,
@@ -248,6 +248,28 @@ def test_verdict_quotes_the_interval_and_flags_reranking_diagnostics_and_chance(
     same.ranks, same.details = good.ranks, good.details
     tied = build_report([good, same], tmp_path / "tie", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
     assert "includes 0: no difference can be claimed" in tied
+
+
+def test_the_per_run_table_shows_the_val_gate_and_its_decision(tmp_path) -> None:
+    """A model evaluated with ``eval.rerank_gate`` shows its val gain over ITC, the interval and
+    whether the re-ranker was kept; a model evaluated without the gate shows only its knobs, and
+    the section's legend mentions the gate only when some model went through it."""
+    knobs = {"rerank_k": 16, "rerank_itc_weight": 2.0, "rerank_fit_step": 0}
+    reset = _run("workspace", 0.9, workspace=True, diag={**knobs, "rerank_val_gain": 0.8133, "rerank_val_gain_lo": -0.2067,
+                                                         "rerank_val_gain_hi": 1.8267, "rerank_kept": 0})
+    kept = _run("mamo-default", 0.5, objective__variant="mamo",
+                diag={**knobs, "rerank_fit_step": 600, "rerank_val_gain": 1.08, "rerank_val_gain_lo": 0.087,
+                      "rerank_val_gain_hi": 2.127, "rerank_kept": 1})
+    table = diagnostics_table(group_runs([reset, kept], BASELINE))
+    column = "k, ITC weight, fit step (val)"
+    assert _row(table, Run="workspace", Model="finetuned")[column] == "16, 2, 0; val +0.81 [−0.21, +1.83]: ITC's order"
+    assert _row(table, Run="mamo-default", Model="finetuned")[column] == "16, 2, 600; val +1.08 [+0.09, +2.13]: kept"
+    text = build_report([reset, kept], tmp_path / "gated", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
+    assert "where the val gate was on (eval.rerank_gate)" in text
+    plain = _run("plain", 0.9, workspace=True, diag=knobs)
+    assert _row(diagnostics_table(group_runs([plain], BASELINE)), Model="finetuned")[column] == "16, 2, 0"
+    text = build_report([plain], tmp_path / "plain", baseline=BASELINE, bootstrap_samples=SAMPLES).read_text()
+    assert "val gate" not in text
 
 
 CLUSTERS = np.repeat(np.arange(N_IMAGES // 2), 2)  # binding groups of 2 images (as ranks.npz stores them)

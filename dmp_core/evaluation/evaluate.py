@@ -96,12 +96,15 @@ def headline_metrics(details: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def tune_rerank(model: torch.nn.Module, cfg: Config, val: RetrievalSplit, train: RetrievalSplit,
-                device: torch.device | str) -> dict[str, Any]:
+                device: torch.device | str, val_clusters: np.ndarray | None = None) -> dict[str, Any]:
     """The residual re-ranker, fitted and chosen without the test split: its head refitted
     on ``train``'s ITC top-k groups (``eval.rerank_fit_*``, :mod:`rerank_fit`; written into
     ``model``), then its k and ITC weight chosen on the ``val`` split (``eval.rerank_ks`` x
-    ``eval.rerank_itc_weights``; :func:`choose_rerank`), with the ``tau`` of the objective."""
-    from dmp_core.evaluation.rerank_fit import Corrector, bank_candidates, fit_rerank_head, pair_bank
+    ``eval.rerank_itc_weights``; :func:`choose_rerank`), with the ``tau`` of the objective.
+    With ``eval.rerank_gate``, a re-ranker whose val gain over ITC does not lie above its
+    bootstrap noise (``val_clusters``: the val images' resampling units) is reset to ITC's
+    order (:func:`gate_rerank`; ``"gate"`` in the result)."""
+    from dmp_core.evaluation.rerank_fit import Corrector, bank_candidates, fit_rerank_head, gate_rerank, pair_bank
 
     ev = cfg.eval
     tau = cfg.objective.rerank_tau
@@ -120,7 +123,17 @@ def tune_rerank(model: torch.nn.Module, cfg: Config, val: RetrievalSplit, train:
     else:
         choice = choose_rerank(bank_candidates(val_bank, Corrector(model)), val_bank.sim_i2t, val.txt2img,
                                ev.rerank_k_choices, ev.rerank_itc_weights, tau)
-    return {**choice, "tau": tau, "split": "val", "val_images": val.n_images, "val_texts": val.n_texts, "fit": fit}
+    gate: dict[str, Any] = {}
+    if ev.rerank_gate is not None:
+        gate = {"gate": gate_rerank(model, val_bank, choice, tau=tau, level=ev.rerank_gate, clusters=val_clusters,
+                                    seed=cfg.seed)}
+        if not gate["gate"]["kept"]:  # the head is zero now: ITC's order, whatever k and w
+            choice = choose_rerank(bank_candidates(val_bank, Corrector(model)), val_bank.sim_i2t, val.txt2img,
+                                   ev.rerank_k_choices, ev.rerank_itc_weights, tau)
+            if "chosen_step" in fit:
+                fit["gated_step"], fit["chosen_step"] = fit["chosen_step"], 0
+    return {**choice, "tau": tau, "split": "val", "val_images": val.n_images, "val_texts": val.n_texts, "fit": fit,
+            **gate}
 
 
 def run_evaluate(
@@ -180,10 +193,11 @@ def run_evaluate(
     ranks: dict[str, np.ndarray] = {"txt2img": txt2img, "clusters": clusters}
     last: dict[str, np.ndarray] = {}
     val = RetrievalSplit.from_prepared(prepared_dir, "val")
+    val_clusters = read_image_clusters(Path(prepared_dir) / "val", val.n_images) if cfg.eval.rerank_gate else None
     train = RetrievalSplit.from_prepared(prepared_dir, "train")
     for name, weights in models.items():
         model = load_model(cfg, weights, vocab_size, device)
-        choice = tune_rerank(model, cfg, val, train, device)  # refits the re-ranking head in ``model``
+        choice = tune_rerank(model, cfg, val, train, device, val_clusters)  # refits the re-ranking head in ``model``
         data_enc = encode_split(model, data, cfg.eval.batch_size, device)
         itc_i2t = itc_similarity(data_enc, cfg.eval.chunk_size)
         cands = rerank_candidates(model, data_enc, itc_i2t, cfg.eval.k_test, cfg.eval.itm_batch_size,
@@ -208,6 +222,10 @@ def run_evaluate(
             diag.update(rerank_moves(itc_ranks, moved, k, prefix=scorer))
         diag["rerank_k"], diag["rerank_itc_weight"] = choice["k"], choice["itc_weight"]
         diag["rerank_fit_step"] = choice["fit"].get("chosen_step", 0)
+        if "gate" in choice:  # the val evidence the re-ranker was kept (1) or reset to ITC's order (0) on
+            gate = choice["gate"]
+            diag.update(rerank_val_gain=gate["diff"], rerank_val_gain_lo=gate["lo"], rerank_val_gain_hi=gate["hi"],
+                        rerank_kept=int(gate["kept"]))
         diag.update(modality_gaps(model, data, cfg, special))
         entry["diagnostics"] = diag
         details["models"][name] = entry

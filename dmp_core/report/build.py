@@ -24,6 +24,7 @@ from dmp_core.report.tables import (
     provenance_table,
     scaling_policy,
     scaling_table,
+    uses_rerank_gate,
 )
 from dmp_core.report.verdict import (
     BOOTSTRAP_SEED,
@@ -154,7 +155,11 @@ def build_report(
             "the ITC top-k, how many the headline scorer moved up, down or left in place, and the net promotions "
             "(R@1 depends on the head of the list, which an AUC does not see); the same for the seed's scorer; "
             "k, ITC weight, fit step: the residual re-ranker's knobs chosen on the val split, the step being "
-            "that of its head's refit on the ITC top-k of training images (0: no correction, ITC's order). "
+            "that of its head's refit on the ITC top-k of training images (0: no correction, ITC's order)"
+            + (", and, where the val gate was on (eval.rerank_gate), the re-ranker's val R mean gain over ITC with "
+               "its paired bootstrap interval: kept where the interval lies above 0, else reset to ITC's order"
+               if uses_rerank_gate(groups) else "")
+            + ". "
             "'below floor' flags "
             + ", ".join(f"{DIAGNOSTIC_NAMES[k]} < {v:g}" for k, v in DIAGNOSTIC_FLOORS.items()) + ".", level="###")
 

@@ -188,13 +188,25 @@ def _moves(diag: Mapping[str, Any], prefix: str) -> str:
     return f"{up:.0f} / {down:.0f} / {same:.0f} ({up - down:+.0f})".replace("-", "−")
 
 
+def uses_rerank_gate(groups: Sequence[Group]) -> bool:
+    """Whether any model of ``groups`` was evaluated with the re-ranker's val gate (``eval.rerank_gate``)."""
+    return any("rerank_kept" in run.diagnostics(model) for group in groups for run in group.runs for model in MODELS)
+
+
 def _knobs(diag: Mapping[str, Any]) -> str:
     """``16, 2, 150``: the re-ranker's k, ITC weight and refit step chosen on val (the step
-    is absent from runs evaluated before the refit existed)."""
+    is absent from runs evaluated before the refit existed); with the val gate (``eval.rerank_gate``)
+    also its val gain over ITC with the bootstrap interval and the decision:
+    ``16, 2, 150; val +1.08 [+0.09, +2.13]: kept`` or ``16, 0.5, 0; val +0.81 [−0.21, +1.83]: ITC's order``."""
     k, w, step = diag.get("rerank_k"), diag.get("rerank_itc_weight"), diag.get("rerank_fit_step")
     if not (isinstance(k, (int, float)) and isinstance(w, (int, float))):
         return "–"
-    return f"{k:.0f}, {w:g}" + (f", {step:.0f}" if isinstance(step, (int, float)) else "")
+    out = f"{k:.0f}, {w:g}" + (f", {step:.0f}" if isinstance(step, (int, float)) else "")
+    gain, lo, hi, kept = (diag.get(f"rerank_{key}") for key in ("val_gain", "val_gain_lo", "val_gain_hi", "kept"))
+    if all(isinstance(v, (int, float)) for v in (gain, lo, hi, kept)):
+        verdict = "kept" if kept else "ITC's order"
+        out += f"; val {gain:+.2f} [{lo:+.2f}, {hi:+.2f}]: {verdict}".replace("-", "−")
+    return out
 
 
 def _with_ci(diag: Mapping[str, Any], key: str) -> str:
